@@ -1,0 +1,3 @@
+from sqaudio.cli import main
+
+main()

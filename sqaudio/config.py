@@ -1,0 +1,244 @@
+"""Configs as dataclasses: YAML recipes load into them, unknown keys are errors, `a.b=c` overrides apply.
+
+A recipe is a YAML mapping with the sections of `Recipe`. It may name a `base:` recipe (a path relative to
+itself or a recipe name); the recipe is deep-merged over its base, so ablations are short overlays.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sqaudio.errors import UserError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class FeatureConfig:
+    """Log-mel features exactly as the reference (sony/sqvae speech, librosa 0.7.2) computes them."""
+
+    sample_rate: int = 16000
+    peak: float = 0.999          # scale the waveform so that max |x| = peak
+    preemphasis: float = 0.97
+    n_fft: int = 2048
+    win_length: int = 400
+    hop_length: int = 160
+    n_mels: int = 80
+    fmin: float = 50.0
+    fmax: float | None = None    # None: sample_rate / 2
+    top_db: float = 80.0
+    pad_mode: str = "reflect"    # STFT centre padding of librosa 0.7.2 (the paper's features)
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+
+@dataclass
+class TemperatureConfig:
+    """Gumbel-softmax temperature tau = max(min, init * exp(-decay * step))."""
+
+    init: float = 1.0
+    decay: float = 1e-5
+    min: float = 0.0
+
+
+@dataclass
+class QuantizerConfig:
+    """Every quantizer behind one interface (see `sqaudio.quantizers`)."""
+
+    kind: str = "gaussian"       # gaussian | fixed_gaussian | vq_ema | vmf
+    variant: int = 4             # Gaussian covariance variant: 1 (I), 2 (II), 3 (III), 4 (IV)
+    codebook_size: int = 512
+    dim: int = 64
+    var_init: float = 10.0       # initial sigma_phi^2 scalar; vmf: initial kappa_q - 1
+    var_combine: str = "log_add"  # log_add: exp(log_var + s) (speech); add: exp(log_var) + exp(s) (images)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    sample_at_inference: bool = False
+    vq_decay: float = 0.99       # VQ-VAE EMA
+    vq_epsilon: float = 1e-5
+    vq_beta: float = 0.25
+    vq_reset_threshold: float = 0.0  # EMA count below which a code is reset to an encoder output; 0 = off
+
+
+@dataclass
+class SpeechModelConfig:
+    """The reference speech encoder (conv, x2 down) and speaker-conditioned bi-GRU decoder."""
+
+    channels: int = 768
+    jitter: float = 0.5
+    n_speakers: int = 0          # 0: taken from the prepared data's speaker table
+    speaker_dim: int = 64
+    rnn_hidden: int = 128
+
+
+@dataclass
+class VisionModelConfig:
+    """The reference ResNet encoder/decoder for 28, 32 and 64 px images."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    channels: int = 128
+    n_resblocks: int = 2
+    num_classes: int = 0         # vMF segmentation maps: number of classes (0 for RGB/gray images)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "speech"         # speech | vision
+    likelihood: str = "gaussian_mle"  # gaussian_mle | gaussian_learned | vmf
+    log_var_x_init: float = -2.302585  # learned decoder variance: initial log sigma^2 (log 0.1)
+    kappa_inv_init: float = 0.0  # vmf decoder: initial log(1/kappa)
+    speech: SpeechModelConfig = field(default_factory=SpeechModelConfig)
+    vision: VisionModelConfig = field(default_factory=VisionModelConfig)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "speech"         # speech | mnist | fashion_mnist | cifar10 | celeba | celebamask_hq
+    root: str = ""               # image datasets: torchvision root (overridden by --data)
+    download: bool = False       # image datasets: let torchvision download when the network is there
+    mode: str = "crop"           # speech: crop (paper) | utterance (whole utterances, length buckets)
+    batch_size: int = 52
+    sample_frames: int = 32      # crop length in frames (plus 2 frames of context)
+    max_frames: int = 2000       # utterance mode: longer utterances are cropped to this
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500_000
+    epochs: int = 0              # > 0: steps = epochs * batches per epoch
+    lr: float = 4e-4
+    lr_schedule: str = "multistep"  # multistep | plateau | constant
+    milestones: list[int] = field(default_factory=lambda: [300_000, 400_000])
+    gamma: float = 0.5
+    grad_clip: float = 1.0
+    seed: int = 1234
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 50
+    amp: str = "none"            # none | bf16 | fp16 (autocast on CUDA)
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types are `UserError`s naming the key."""
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{where or cls.__name__}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise UserError(f"unknown config key '{path}' (valid: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key '{path}' must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise UserError(f"config key '{path}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_recipe_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """A YAML path, or a shipped recipe name such as `vctk/sqvae_gauss4`."""
+    candidates = [Path(name_or_path)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name_or_path)
+    name = str(name_or_path).removesuffix(".yaml")
+    candidates.append(RECIPES_DIR / f"{name}.yaml")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"recipe '{name_or_path}' not found (shipped recipes: {', '.join(list_recipes())})")
+
+
+def list_recipes() -> list[str]:
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+
+
+def load_recipe_dict(name_or_path: str | Path, relative_to: Path | None = None) -> dict[str, Any]:
+    path = resolve_recipe_path(name_or_path, relative_to)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe {path} is not valid YAML: {err}".replace("\n", " ")) from None
+    base = data.pop("base", None)
+    name = data.pop("name", None) or _recipe_name(path)
+    if base is not None:
+        data = deep_merge(load_recipe_dict(base, path.parent), data)
+    data["name"] = name
+    return data
+
+
+def _recipe_name(path: Path) -> str:
+    path = path.resolve()
+    root = RECIPES_DIR.resolve()
+    return str(path.relative_to(root).with_suffix("")) if path.is_relative_to(root) else path.stem
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides; values are parsed as YAML (`train.steps=10`, `model.kind=vision`)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' must look like section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}': '{part}' is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    return from_dict(Recipe, apply_overrides(load_recipe_dict(name_or_path), overrides or []))

@@ -1,0 +1,61 @@
+"""The prepared-feature store (the contract between `prepare` and everything after it).
+
+OUT_DIR/
+  manifest.jsonl       one JSON object per utterance: id, speaker, split (train|test), source (audio path),
+                       features (path relative to OUT_DIR of a float32 .npy (n_mels, frames)), frames, duration_s
+  feature_config.json  the FeatureConfig fields
+  speakers.json        sorted list of speaker ids (index = speaker embedding row)
+  skipped.jsonl        files that were skipped: {source, reason}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sqaudio.config import FeatureConfig, from_dict, to_dict
+from sqaudio.errors import UserError
+
+MANIFEST = "manifest.jsonl"
+FEATURE_CONFIG = "feature_config.json"
+SPEAKERS = "speakers.json"
+SKIPPED = "skipped.jsonl"
+
+
+@dataclass
+class Store:
+    """A prepared feature directory, read-only view."""
+
+    root: Path
+    entries: list[dict[str, Any]]
+    features: FeatureConfig
+    speakers: list[str]
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["split"] == name]
+
+    def load(self, entry: dict[str, Any]) -> np.ndarray:
+        """The (n_mels, frames) float32 feature of one manifest entry."""
+        return np.load(self.root / entry["features"])
+
+
+def open_store(root: str | Path) -> Store:
+    root = Path(root)
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise UserError(f"{root} has no {MANIFEST}: run `sqaudio prepare CORPUS {root}` first")
+    entries = read_jsonl(manifest)
+    features = from_dict(FeatureConfig, json.loads((root / FEATURE_CONFIG).read_text()), "features")
+    speakers = json.loads((root / SPEAKERS).read_text())
+    return Store(root, entries, features, speakers)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def feature_config_json(cfg: FeatureConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2)
