@@ -42,6 +42,177 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """sqaudio: prepare | train | evaluate | compare | encode | decode | reconstruct | vocoder | demo."""
 
 
+def _out_json(result: dict, path: Optional[Path]) -> None:
+    if path is not None:
+        import json
+
+        path.write_text(json.dumps(result, indent=2))
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or shipped name, e.g. vctk/sqvae_gauss4 (see `sqaudio recipes`)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared features dir (speech) or image dataset root."),
+    out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, config.yaml, TensorBoard, plots."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.steps=1000."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary."),
+) -> None:
+    """Train an SQ-VAE (or a VQ-VAE baseline) from a recipe."""
+    from sqaudio.config import load_recipe
+    from sqaudio.train import train as run_training
+
+    cfg = load_recipe(recipe, overrides)
+    if cfg.data.kind == "speech" and data is None:
+        raise UserError("speech training needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
+    run_training(cfg, data, out, resume=resume, device=device, quiet=quiet)
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="Run directory (newest checkpoint) or checkpoint file."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared features dir (speech) or image dataset root."),
+    split: str = typer.Option("test", "--split", help="Manifest split to evaluate (speech)."),
+    eval_list: Optional[Path] = typer.Option(None, "--list", help="Evaluation list JSON [[path, speaker], ...] (speech)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Images: PNG with originals above reconstructions."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+) -> None:
+    """Mel-MSE in dB^2 (paper Table 3) or image MSE, with perplexity, used codes and bitrate."""
+    import json
+
+    from sqaudio.evaluate import evaluate as run_evaluation, print_table
+
+    result = run_evaluation(model, data, split, str(eval_list) if eval_list else None, device, str(grid) if grid else None)
+    print_table({model.name: result}, f"evaluation ({split})")
+    run_dir = model if model.is_dir() else model.parent
+    (run_dir / f"eval-{split}.json").write_text(json.dumps(result, indent=2))
+    _out_json(result, json_path)
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run directories (each evaluated before, or give --data)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate every run on this data now."),
+    split: str = typer.Option("test", "--split", help="Split whose saved results are compared."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Write a bar chart of the metrics here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write all results as JSON here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+) -> None:
+    """Side-by-side table of several runs, like the paper's Table 3."""
+    import json
+
+    from sqaudio.evaluate import compare_plot, evaluate as run_evaluation, print_table
+
+    rows = {}
+    for run in runs:
+        saved = run / f"eval-{split}.json"
+        if data is not None:
+            rows[run.name] = run_evaluation(run, data, split, device=device, quiet=True)
+            saved.write_text(json.dumps(rows[run.name], indent=2))
+        elif saved.is_file():
+            rows[run.name] = json.loads(saved.read_text())
+        else:
+            raise UserError(f"{run} has no {saved.name}: run `sqaudio evaluate {run} --data ...` or pass --data")
+    print_table(rows, f"comparison ({split})")
+    if png is not None:
+        compare_plot(rows, png)
+    _out_json(rows, json_path)
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes."""
+    from sqaudio.config import list_recipes
+
+    for name in list_recipes():
+        typer.echo(name)
+
+
+_MODEL_OPT = typer.Option(..., "--model", help="Speech SQ-VAE run directory or checkpoint.")
+_VOCODER_OPT = typer.Option("griffin-lim", "--vocoder",
+                            help="griffin-lim, a `sqaudio vocoder train` dir, or a pretrained parallel-wavegan dir.")
+
+
+@app.command()
+def reconstruct(
+    inputs: list[Path] = typer.Argument(..., help="Audio files or folders (any rate, mono or stereo)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .wav (one input) or folder (several)."),
+    model: Path = _MODEL_OPT,
+    vocoder: str = _VOCODER_OPT,
+    speaker: Optional[str] = typer.Option(None, "--speaker", help="Decode with this training speaker (voice conversion)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of input vs reconstructed mel (one input) or folder."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+) -> None:
+    """Audio -> codes -> decoder -> vocoder -> 16 kHz wav of the input's duration."""
+    from rich.progress import track
+    from rich.table import Table
+
+    from sqaudio.codec import Codec, expand_inputs, write_wav
+    from sqaudio.plots import plot_mels
+
+    files = expand_inputs(inputs)
+    codec = Codec(model, vocoder, device)
+    single = len(files) == 1 and output.suffix.lower() == ".wav"
+    table = Table("file", "speaker", "codes used", "bitrate (bit/s)", "mel-MSE (dB^2)", "output")
+    for path in track(files, description="reconstruct", console=console, disable=len(files) == 1):
+        wav, stats, enc = codec.reconstruct(path, speaker)
+        target = output if single else output / f"{path.stem}.wav"
+        write_wav(target, wav, codec.features.sample_rate)
+        if plot is not None:
+            plot_mels(enc.mel, codec.decode_mel(enc.codes, stats["speaker"])[0].cpu().numpy(),
+                      plot if single else plot / f"{path.stem}.png", title=path.name)
+        table.add_row(path.name, stats["speaker"], f"{stats['codes_used']}/{stats['latent_frames']}",
+                      f"{stats['bitrate_bps']:.0f}", f"{stats['mel_mse_db2']:.2f}", str(target))
+    Console().print(table)
+
+
+@app.command()
+def encode(
+    inputs: list[Path] = typer.Argument(..., help="Audio files or folders."),
+    output: Path = typer.Option(..., "-o", "--output", help="Codes directory."),
+    model: Path = _MODEL_OPT,
+    fmt: str = typer.Option("npy", "--format", help="npy (indices + JSON header) or zerospeech (one vector per line)."),
+    speaker: Optional[str] = typer.Option(None, "--speaker", help="Speaker stored in the header (default: from the file)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+) -> None:
+    """Audio -> discrete code indices per latent frame (50 per second)."""
+    from rich.progress import track
+
+    from sqaudio.codec import Codec, expand_inputs, write_codes
+
+    files = expand_inputs(inputs)
+    codec = Codec(model, None, device)
+    for path in track(files, description="encode", console=console, disable=len(files) == 1):
+        write_codes(output, path.stem, codec, codec.encode(path, speaker), fmt)
+    console.print(f"wrote codes of {len(files)} file(s) to {output}")
+
+
+@app.command()
+def decode(
+    codes: list[Path] = typer.Argument(..., help="Code files (.npy with .json header) or folders of them."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder for the wavs."),
+    model: Path = _MODEL_OPT,
+    vocoder: str = _VOCODER_OPT,
+    speaker: Optional[str] = typer.Option(None, "--speaker", help="Decode with this speaker instead of the header's."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+) -> None:
+    """Codes -> decoder -> vocoder -> wavs."""
+    from rich.progress import track
+
+    from sqaudio.codec import Codec, expand_inputs, read_codes, write_wav
+
+    files = expand_inputs(codes, {".npy"})
+    codec = Codec(model, vocoder, device)
+    for path in track(files, description="decode", console=console, disable=len(files) == 1):
+        indices, header = read_codes(path)
+        codec.check_header(header, path)
+        wav = codec.decode(indices, speaker or header["speaker"], int(header["samples"]))
+        write_wav(output / f"{path.stem}.wav", wav, codec.features.sample_rate)
+    console.print(f"wrote {len(files)} wav(s) to {output}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -34,3 +34,35 @@ def harmonic(seconds: float = 1.0, rate: int = 16000, f0: float = 140.0, seed: i
     x = sum(np.sin(k * phase) / k for k in range(1, 12))
     x = x * (0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * t) ** 2) + 0.01 * rng.standard_normal(t.size)
     return (0.5 * x / np.abs(x).max()).astype(np.float32)
+
+
+def make_store(root: Path, n_speakers: int = 2, n_utts: int = 4, seconds: float = 0.8, test_per_speaker: int = 1) -> Path:
+    """Write a small prepared-feature store (the `prepare` output format) from generated harmonic audio."""
+    import json
+
+    from sqaudio.config import FeatureConfig
+    from sqaudio.features import log_mel_spectrogram
+    from sqaudio.store import feature_config_json
+
+    cfg = FeatureConfig()
+    root.mkdir(parents=True, exist_ok=True)
+    lines, speakers = [], [f"spk{s}" for s in range(n_speakers)]
+    for s, spk in enumerate(speakers):
+        for u in range(n_utts):
+            wav = harmonic(seconds + 0.1 * u, f0=110 + 40 * s + 7 * u, seed=10 * s + u)
+            mel = log_mel_spectrogram(wav, cfg)
+            split = "test" if u < test_per_speaker else "train"
+            rel = f"features/{split}/{spk}/{spk}_{u}.npy"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            np.save(root / rel, mel)
+            lines.append({"id": f"{spk}_{u}", "speaker": spk, "split": split, "source": f"/gen/{spk}/{spk}_{u}.wav",
+                          "features": rel, "frames": int(mel.shape[1]), "duration_s": len(wav) / cfg.sample_rate})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (root / "feature_config.json").write_text(feature_config_json(cfg))
+    (root / "speakers.json").write_text(json.dumps(speakers))
+    return root
+
+
+@pytest.fixture
+def tiny_store(tmp_path) -> Path:
+    return make_store(tmp_path / "features")

@@ -1,0 +1,183 @@
+"""Audio files -> discrete codes -> log-mel -> waveform, with a trained speech SQ-VAE and a vocoder."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sqaudio.config import FeatureConfig, from_dict
+from sqaudio.errors import UserError
+from sqaudio.evaluate import mel_mse_db2
+from sqaudio.features import LogMel, load_audio
+from sqaudio.models.speech import encoder_lengths
+from sqaudio.train import load_model, pick_device
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif", ".au", ".mp3"}
+
+
+def expand_inputs(inputs: list[Path], suffixes: set[str] = AUDIO_SUFFIXES) -> list[Path]:
+    """Files, and the matching files inside folders (recursively, sorted)."""
+    files = []
+    for path in inputs:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"input not found: {path}")
+    if not files:
+        raise UserError(f"no input files in {', '.join(map(str, inputs))}")
+    return files
+
+
+@dataclass
+class Encoded:
+    """Codes of one file and what is needed to decode them."""
+
+    codes: np.ndarray        # (T',) int64
+    speaker: str
+    samples: int             # input length at the feature sample rate
+    mel: np.ndarray          # (n_mels, frames) input features (even frame count)
+
+
+class Codec:
+    """A speech SQ-VAE checkpoint plus a vocoder.
+
+    Args:
+        model: run directory or checkpoint of a speech SQ-VAE.
+        vocoder: "griffin-lim", a vocoder directory/checkpoint, or a pretrained parallel-wavegan directory.
+        device: auto, cpu, cuda ...
+    """
+
+    def __init__(self, model: str | Path, vocoder: str | Path = "griffin-lim", device: str | None = None):
+        from sqaudio.vocoder import load_vocoder
+
+        self.device = pick_device(device)
+        self.model, state = load_model(model, self.device)
+        if self.model.recipe.data.kind != "speech":
+            raise UserError(f"{model} is an image model; reconstruct/encode/decode need a speech model")
+        self.features: FeatureConfig = from_dict(FeatureConfig, state["features"], "features")
+        self.speakers: list[str] = state["speakers"]
+        self.model_id = fingerprint(self.model)
+        self.vocoder = load_vocoder(str(vocoder), device=self.device) if vocoder is not None else None
+        if self.vocoder is not None:
+            self.vocoder.check_compatible(self.features)
+        self.logmel = LogMel(self.features).to(self.device)
+
+    def speaker_for(self, path: Path, speaker: str | None) -> str:
+        """--speaker, else the training speaker named by the file (prefix or folder), else the first one."""
+        if speaker is not None:
+            if speaker not in self.speakers:
+                raise UserError(f"unknown speaker '{speaker}' (known: {', '.join(self.speakers)})")
+            return speaker
+        prefix = re.split(r"[_\-]", path.stem)[0]
+        for guess in (prefix, path.parent.name):
+            if guess in self.speakers:
+                return guess
+        return self.speakers[0]
+
+    @torch.no_grad()
+    def encode(self, path: Path, speaker: str | None = None) -> Encoded:
+        wav = load_audio(path, self.features)
+        mel = self.logmel(torch.from_numpy(wav)[None].to(self.device))
+        mel = mel[:, :, : mel.shape[-1] - mel.shape[-1] % 2]
+        if encoder_lengths(torch.tensor(mel.shape[-1])).item() < 1:
+            raise UserError(f"{path}: too short for one latent frame")
+        codes, _ = self.model.encode({"mel": mel})
+        return Encoded(codes[0].cpu().numpy().astype(np.int64), self.speaker_for(path, speaker), len(wav),
+                       mel[0].cpu().numpy())
+
+    @torch.no_grad()
+    def decode_mel(self, codes: np.ndarray, speaker: str) -> torch.Tensor:
+        """Codes (T',) -> decoder log-mel (1, n_mels, 2 T') (the input's frames 1..2T')."""
+        if codes.ndim != 1 or codes.size == 0 or codes.min() < 0 or codes.max() >= self.model.recipe.quantizer.codebook_size:
+            raise UserError("codes do not fit this model's codebook")
+        z_q = self.model.quantizer.lookup(torch.from_numpy(codes)[None].to(self.device))
+        spk = torch.tensor([self.speakers.index(self.speaker_for(Path(), speaker))], device=self.device)
+        return self.model.decode(z_q, spk)
+
+    @torch.no_grad()
+    def synthesize(self, mel: torch.Tensor, samples: int) -> np.ndarray:
+        """Decoder log-mel (1, n_mels, F) -> waveform of exactly `samples` samples (edge frames restored)."""
+        if self.vocoder is None:
+            raise UserError("no vocoder given")
+        frames = samples // self.features.hop_length + 1
+        pad_right = max(frames - mel.shape[-1] - 1, 0)
+        full = torch.cat([mel[:, :, :1], mel, mel[:, :, -1:].expand(-1, -1, pad_right)], dim=-1)
+        wav = self.vocoder.synthesize(full)[0].float().cpu().numpy()
+        return np.pad(wav, (0, max(samples - len(wav), 0)))[:samples]
+
+    def decode(self, codes: np.ndarray, speaker: str, samples: int) -> np.ndarray:
+        return self.synthesize(self.decode_mel(codes, speaker), samples)
+
+    def reconstruct(self, path: Path, speaker: str | None = None) -> tuple[np.ndarray, dict[str, Any], Encoded]:
+        """Waveform and statistics (codes used, bitrate, the file's mel-MSE in dB^2)."""
+        enc = self.encode(path, speaker)
+        mel_hat = self.decode_mel(enc.codes, enc.speaker)
+        target = torch.from_numpy(enc.mel[:, 1:-1])
+        sse = ((mel_hat[0].cpu() - target) ** 2).sum().item()
+        stats = {"codes_used": int(np.unique(enc.codes).size), "latent_frames": int(enc.codes.size),
+                 "bitrate_bps": float(np.log2(self.model.recipe.quantizer.codebook_size) * self.features.frame_rate / 2),
+                 "mel_mse_db2": mel_mse_db2(sse, self.features.n_mels, target.shape[-1], self.features.top_db),
+                 "speaker": enc.speaker}
+        return self.synthesize(mel_hat, enc.samples), stats, enc
+
+    def header(self, enc: Encoded) -> dict[str, Any]:
+        return {"model_id": self.model_id, "sample_rate": self.features.sample_rate,
+                "frame_rate": self.features.frame_rate / 2, "codebook_size": self.model.recipe.quantizer.codebook_size,
+                "speaker": enc.speaker, "samples": enc.samples, "latent_frames": int(enc.codes.size)}
+
+    def check_header(self, header: dict[str, Any], path: Path) -> None:
+        if header.get("model_id") != self.model_id:
+            raise UserError(f"{path} holds codes from another model (model id {header.get('model_id')}, "
+                            f"this model is {self.model_id})")
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Short id of a trained model: a hash of its codebook (codes are only meaningful with it)."""
+    book = model.quantizer.lookup(torch.arange(model.recipe.quantizer.codebook_size)[None].to(
+        next(model.parameters()).device))
+    return hashlib.sha1(book.detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
+
+
+def write_wav(path: Path, wav: np.ndarray, rate: int) -> None:
+    """Write a 16-bit PCM wav atomically."""
+    import soundfile as sf
+
+    from sqaudio.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: sf.write(str(tmp), np.clip(wav, -1, 1), rate, subtype="PCM_16", format="WAV"))
+
+
+def write_codes(out_dir: Path, stem: str, codec: Codec, enc: Encoded, fmt: str) -> Path:
+    """`npy`: <stem>.npy + <stem>.json header; `zerospeech`: <stem>.txt, one codebook vector per latent frame."""
+    from sqaudio.checkpoint import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "zerospeech":
+        vectors = codec.model.quantizer.lookup(torch.from_numpy(enc.codes)[None].to(codec.device))[0].T.cpu().numpy()
+        path = out_dir / f"{stem}.txt"
+        atomic_write(path, lambda tmp: np.savetxt(tmp, vectors, fmt="%.6f"))
+        return path
+    if fmt != "npy":
+        raise UserError(f"unknown codes format '{fmt}' (valid: npy, zerospeech)")
+    path = out_dir / f"{stem}.npy"
+    atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), enc.codes))
+    atomic_write(out_dir / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(codec.header(enc), indent=2)))
+    return path
+
+
+def read_codes(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    header_path = path.with_suffix(".json")
+    try:
+        codes = np.load(path)
+        header = json.loads(header_path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read codes {path} with header {header_path.name}: {err}") from None
+    return codes.astype(np.int64), header

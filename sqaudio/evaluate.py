@@ -1,0 +1,206 @@
+"""Metrics: mel-MSE in dB^2 (paper Table 3), image MSE (Table 2), code usage, perplexity and bitrate."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from sqaudio import checkpoint
+from sqaudio.data import collate_images, eval_speech_batches
+from sqaudio.errors import UserError
+from sqaudio.store import open_store
+from sqaudio.train import feature_mismatch, load_model, pick_device
+
+console = Console(stderr=True)
+
+
+class CodeUsage:
+    """Counts of code indices over valid latent positions."""
+
+    def __init__(self, size: int):
+        self.counts = torch.zeros(size, dtype=torch.float64)
+
+    def add(self, codes: torch.Tensor, mask: torch.Tensor | None) -> None:
+        valid = codes[mask] if mask is not None else codes.reshape(-1)
+        self.counts += torch.bincount(valid.cpu(), minlength=len(self.counts)).double()
+
+    def summary(self) -> dict[str, float]:
+        p = self.counts / self.counts.sum().clamp(min=1)
+        entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+        return {"perplexity": math.exp(entropy), "used_codes": int((self.counts > 0).sum()),
+                "code_entropy_bits": entropy / math.log(2), "positions": int(self.counts.sum())}
+
+
+def mel_mse_db2(sse: float, n_mels: int, frames: int, top_db: float) -> float:
+    """Paper Table 3: sum of squared errors * top_db^2 / (n_mels * compared frames)."""
+    return sse * top_db**2 / (n_mels * frames)
+
+
+def read_eval_list(path: str | Path) -> list[tuple[str, str]]:
+    """Evaluation list of the reference code: [[path_without_ext, speaker], ...]."""
+    try:
+        items = json.loads(Path(path).read_text())
+        return [(str(p), str(s)) for p, s in items]
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"cannot read evaluation list {path}: expected [[path, speaker], ...] ({err})") from None
+
+
+def select_entries(entries: list[dict], eval_list: list[tuple[str, str]]) -> list[dict]:
+    """Manifest entries whose source (without extension) ends with a listed path."""
+    by_stem = {str(Path(e["source"]).with_suffix("")).replace("\\", "/"): e for e in entries}
+    chosen = []
+    for path, _speaker in eval_list:
+        match = [e for stem, e in by_stem.items() if stem.endswith(path.strip("/"))]
+        if not match:
+            raise UserError(f"evaluation list entry '{path}' is not in the prepared data")
+        chosen.append(match[0])
+    return chosen
+
+
+@torch.no_grad()
+def evaluate_speech(model, state: dict, data: str | Path, split: str = "test", eval_list: str | None = None,
+                    device: torch.device | str = "cpu", batch_size: int = 16, quiet: bool = False) -> dict[str, Any]:
+    store = open_store(data)
+    features = model.recipe.features
+    diff = feature_mismatch(features, store.features)
+    if diff:
+        raise UserError(f"model features do not match the prepared data in {data}: {'; '.join(diff)}")
+    entries = select_entries(store.entries, read_eval_list(eval_list)) if eval_list else store.split(split)
+    speakers = state["speakers"]
+    known = set(speakers)
+    unknown = sorted({e["speaker"] for e in entries} - known)
+    entries = [e for e in entries if e["speaker"] in known and e["frames"] >= 8]
+    if not entries:
+        raise UserError(f"no utterances to evaluate in split '{split}' of {data} with a speaker the model knows")
+    usage = CodeUsage(model.recipe.quantizer.codebook_size)
+    sse, frames = 0.0, 0
+    with Progress(console=console, disable=quiet) as progress:
+        task = progress.add_task("evaluate", total=len(entries))
+        for chunk, batch in eval_speech_batches(store, entries, speakers, batch_size):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(batch)
+            err = ((out.x_hat.float() - out.target.float()) ** 2 * out.mask).sum().item()
+            sse += err
+            frames += int(out.mask.sum().item())
+            usage.add(out.codes, out.code_mask)
+            progress.advance(task, len(chunk))
+    codes = usage.summary()
+    latent_rate = features.frame_rate / 2
+    return {"mel_mse_db2": mel_mse_db2(sse, features.n_mels, frames, features.top_db), **codes,
+            "bitrate_bps": math.log2(model.recipe.quantizer.codebook_size) * latent_rate,
+            "entropy_bitrate_bps": codes["code_entropy_bits"] * latent_rate,
+            "utterances": len(entries), "frames": frames, "skipped_unknown_speakers": unknown}
+
+
+@torch.no_grad()
+def evaluate_images(model, data: str | Path, device="cpu", batch_size: int = 100, grid: str | None = None,
+                    quiet: bool = False) -> dict[str, Any]:
+    from sqaudio.images import build_image_datasets
+
+    recipe = model.recipe
+    _, test_set = build_image_datasets(recipe.data, data or recipe.data.root)
+    usage = CodeUsage(recipe.quantizer.codebook_size)
+    totals: dict[str, float] = {}
+    n = 0
+    first = None
+    with Progress(console=console, disable=quiet) as progress:
+        task = progress.add_task("evaluate", total=len(test_set))
+        for start in range(0, len(test_set), batch_size):
+            items = [test_set[i] for i in range(start, min(start + batch_size, len(test_set)))]
+            batch = {k: v.to(device) for k, v in collate_images(items).items()}
+            out = model(batch)
+            for key, value in _image_metrics(model, out).items():
+                totals[key] = totals.get(key, 0.0) + value * len(items)
+            usage.add(out.codes, None)
+            n += len(items)
+            first = first or (batch["x"][:8].cpu(), out.x_hat[:8].cpu())
+            progress.advance(task, len(items))
+    result = {k: v / n for k, v in totals.items()}
+    if "mse" in result:
+        result["mse_x1e3"] = result["mse"] * 1e3
+    if grid and first is not None:
+        save_grid(*first, grid)
+    return {**result, **usage.summary(), "images": n}
+
+
+def _image_metrics(model, out) -> dict[str, float]:
+    if model.recipe.model.likelihood == "vmf":
+        from sqaudio.vmf import miou
+
+        pred = out.x_hat.argmax(dim=1)
+        return {"accuracy": (pred == out.target).float().mean().item(),
+                "miou": float(miou(pred, out.target, model.recipe.model.vision.num_classes))}
+    return {"mse": ((out.x_hat.float() - out.target.float()) ** 2).mean().item()}
+
+
+def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path) -> None:
+    """PNG with originals above reconstructions."""
+    import torchvision.utils as vutils
+
+    if originals.dtype == torch.long:  # class maps -> gray levels
+        k = max(int(originals.max()), 1)
+        originals, recons = originals[:, None].float() / k, recons.argmax(1)[:, None].float() / k
+    vutils.save_image(torch.cat([originals.float(), recons.float().clamp(0, 1)]), str(path), nrow=len(originals))
+
+
+def evaluate(model_path: str | Path, data: str | Path | None, split: str = "test", eval_list: str | None = None,
+             device: str | None = None, grid: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Evaluate a checkpoint (or a run dir's newest) on prepared speech or an image test set."""
+    dev = pick_device(device)
+    model, state = load_model(model_path, dev)
+    if model.recipe.data.kind == "speech":
+        if data is None:
+            raise UserError("speech evaluation needs --data FEATURES_DIR")
+        result = evaluate_speech(model, state, data, split, eval_list, dev, quiet=quiet)
+    else:
+        result = evaluate_images(model, data, dev, grid=grid, quiet=quiet)
+    result.update({"checkpoint": str(checkpoint.latest(Path(model_path))), "step": state["step"],
+                   "recipe": model.recipe.name, "quantizer": model.recipe.quantizer.kind,
+                   "variant": model.recipe.quantizer.variant})
+    return result
+
+
+def print_table(rows: dict[str, dict[str, Any]], title: str) -> Table:
+    """Side-by-side table: one column per run."""
+    keys = ["mel_mse_db2", "mse_x1e3", "accuracy", "miou", "perplexity", "used_codes", "code_entropy_bits",
+            "bitrate_bps", "utterances", "images", "frames", "step"]
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in rows:
+        table.add_column(name, justify="right")
+    for key in keys:
+        if any(key in r for r in rows.values()):
+            table.add_row(key, *[_fmt(r.get(key)) for r in rows.values()])
+    Console().print(table)
+    return table
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def compare_plot(rows: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """Bar charts of the main metrics, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("mel_mse_db2", "mse_x1e3", "miou", "perplexity", "used_codes")
+            if any(k in r for r in rows.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.bar(list(rows), [rows[n].get(key, 0) for n in rows])
+        ax.set_title(key)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

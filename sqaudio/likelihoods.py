@@ -1,0 +1,61 @@
+"""Decoder likelihoods p(x | Z_q): each returns named loss terms and detached statistics.
+
+Gaussian with MLE sigma (the reference default, Lin et al. 2021): the reconstruction term becomes
+(D/2) log(MSE), D = elements per sample; with a learned sigma it is SSE/(2 sigma^2) + (D/2) log sigma^2.
+Masks (True = valid) restrict every sum to real (unpadded) elements.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sqaudio.config import ModelConfig
+
+
+def _masked_error(x_hat: Tensor, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Sum of squared errors and number of valid elements. mask broadcasts over x (e.g. (B, 1, T))."""
+    err = (x_hat.float() - x.float()) ** 2
+    if mask is None:
+        return err.sum(), torch.tensor(float(err.numel()), device=err.device)
+    mask = mask.to(err.dtype).expand_as(err)
+    return (err * mask).sum(), mask.sum()
+
+
+class GaussianMLE(nn.Module):
+    """N(x_hat, sigma^2 I) with sigma^2 replaced by the batch MSE: loss = (D/2) log(MSE)."""
+
+    def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None):
+        sse, count = _masked_error(x_hat, x, mask)
+        mse = sse / count
+        dims = count / x.shape[0]  # D: valid elements per sample
+        return {"reconstruction": 0.5 * dims * torch.log(mse)}, {"mse": mse.detach()}
+
+
+class GaussianLearned(nn.Module):
+    """N(x_hat, sigma^2 I) with a learned log sigma^2.
+
+    Args:
+        log_var_init: initial log sigma^2.
+    """
+
+    def __init__(self, log_var_init: float):
+        super().__init__()
+        self.log_var_x = nn.Parameter(torch.tensor(float(log_var_init)))
+
+    def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None):
+        sse, count = _masked_error(x_hat, x, mask)
+        batch = x.shape[0]
+        loss = sse / batch / (2 * self.log_var_x.exp()) + 0.5 * (count / batch) * self.log_var_x
+        return {"reconstruction": loss}, {"mse": (sse / count).detach(), "var_x": self.log_var_x.exp().detach()}
+
+
+def build_likelihood(cfg: ModelConfig) -> nn.Module:
+    """Registry of decoder likelihoods by `cfg.likelihood`."""
+    if cfg.likelihood == "gaussian_mle":
+        return GaussianMLE()
+    if cfg.likelihood == "gaussian_learned":
+        return GaussianLearned(cfg.log_var_x_init)
+    if cfg.likelihood == "vmf":
+        from sqaudio.vmf import VmfLikelihood
+        return VmfLikelihood(cfg.vision.num_classes, cfg.kappa_inv_init)
+    raise ValueError(f"unknown likelihood '{cfg.likelihood}' (valid: gaussian_mle, gaussian_learned, vmf)")
