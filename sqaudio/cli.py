@@ -58,12 +58,19 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary."),
+    devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP via torchrun); see docs/distributed.md."),
 ) -> None:
     """Train an SQ-VAE (or a VQ-VAE baseline) from a recipe."""
     from sqaudio.config import load_recipe
     from sqaudio.train import train as run_training
 
     cfg = load_recipe(recipe, overrides)
+    if devices > 1:
+        from sqaudio.distributed import launch
+
+        args = ["train", recipe, "--out", str(out), "--device", device] + (["--data", str(data)] if data else [])
+        args += [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
+        raise typer.Exit(launch(devices, args))
     if cfg.data.kind == "speech" and data is None:
         raise UserError("speech training needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
     run_training(cfg, data, out, resume=resume, device=device, quiet=quiet)
@@ -211,6 +218,50 @@ def decode(
         wav = codec.decode(indices, speaker or header["speaker"], int(header["samples"]))
         write_wav(output / f"{path.stem}.wav", wav, codec.features.sample_rate)
     console.print(f"wrote {len(files)} wav(s) to {output}")
+
+
+# --- data: put image datasets into torchvision's layout ----------------------------------------------------------
+
+data_app = typer.Typer(help="Dataset helpers: put image data into the layout torchvision reads.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _convert_idx(src: Path, out_root: Path, folder: str) -> None:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from sqaudio.images import convert_idx_gz, idx_sources
+
+    idx_sources(src)  # name missing files before any progress is shown
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"convert {folder}", total=4)
+        rows = convert_idx_gz(src, out_root, folder, progress=lambda name: progress.advance(task))
+    table = Table(title=f"{folder} written under {out_root}")
+    for column in ("file", "shape", "bytes"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["file"]), " x ".join(map(str, row["shape"])), f"{row['bytes']:,}")
+    console.print(table)
+    console.print(f"use it with --data {out_root}")
+
+
+@data_app.command("fashion-mnist")
+def data_fashion_mnist(
+    src: Path = typer.Argument(..., help="Folder with the four *-ubyte.gz files (Debian package "
+                                         "dataset-fashion-mnist: /usr/share/datasets/fashion-mnist)."),
+    out_root: Path = typer.Argument(..., help="Data root to write FashionMNIST/raw/ into (pass it as --data)."),
+) -> None:
+    """Convert Fashion-MNIST idx(.gz) files into torchvision's FashionMNIST/raw/ layout."""
+    _convert_idx(src, out_root, "FashionMNIST")
+
+
+@data_app.command("mnist")
+def data_mnist(
+    src: Path = typer.Argument(..., help="Folder with the four MNIST *-ubyte.gz files."),
+    out_root: Path = typer.Argument(..., help="Data root to write MNIST/raw/ into (pass it as --data)."),
+) -> None:
+    """Convert MNIST idx(.gz) files into torchvision's MNIST/raw/ layout."""
+    _convert_idx(src, out_root, "MNIST")
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ class StepBatches(Dataset):
         n_items: size of the underlying item set.
         batch_size: global batch size.
         seed: data seed.
-        fetch: fetch(indices, generator) -> batch dict.
+        fetch: fetch([(item index, its own RNG), ...]) -> batch dict.
         buckets: optional list of index lists (whole-utterance mode); batches are shuffled buckets.
         rank, world: this process's slice of every global batch.
     """
@@ -104,8 +104,8 @@ class StepBatches(Dataset):
         return 2**62
 
     def __getitem__(self, step: int) -> dict[str, Tensor]:
-        idx = self.indices(step)[self.rank::self.world]
-        return self.fetch(idx, step_generator(self.seed, 2, step))
+        positions = list(enumerate(self.indices(step)))[self.rank::self.world]
+        return self.fetch([(i, step_generator(self.seed, 2, step, pos)) for pos, i in positions])
 
 
 _PERM_CACHE: dict[tuple[int, int, int], Tensor] = {}
@@ -145,7 +145,7 @@ def speech_batches(store: Store, cfg: DataConfig, speakers: list[str], seed: int
             raise UserError(f"no training utterance has the {need} frames a crop needs "
                             f"(data.sample_frames={cfg.sample_frames} + 2 context frames)")
         items = SpeechItems(store, usable, speakers)
-        fetch = lambda idx, g: collate_speech([items.item(i, g, need) for i in idx], with_lengths=False)  # noqa: E731
+        fetch = lambda pairs: collate_speech([items.item(i, g, need) for i, g in pairs], with_lengths=False)  # noqa: E731
         return StepBatches(len(items), cfg.batch_size, seed, fetch, rank=rank, world=world)
     if cfg.mode == "utterance":
         usable = [e for e in train if e["frames"] >= 6]
@@ -153,14 +153,14 @@ def speech_batches(store: Store, cfg: DataConfig, speakers: list[str], seed: int
             raise UserError("no training utterance is long enough (at least 6 frames)")
         items = SpeechItems(store, usable, speakers)
         buckets = length_buckets([e["frames"] for e in usable], cfg.batch_size, cfg.max_frames)
-        fetch = lambda idx, g: collate_speech([items.item(i, g, cfg.max_frames) for i in idx], with_lengths=True)  # noqa: E731
+        fetch = lambda pairs: collate_speech([items.item(i, g, cfg.max_frames) for i, g in pairs], with_lengths=True)  # noqa: E731
         return StepBatches(len(items), cfg.batch_size, seed, fetch, buckets=buckets, rank=rank, world=world)
     raise UserError(f"unknown data.mode '{cfg.mode}' (valid: crop, utterance)")
 
 
 def image_batches(dataset, cfg: DataConfig, seed: int, rank: int = 0, world: int = 1) -> StepBatches:
     """Training batches of an image dataset whose items are dicts of tensors."""
-    fetch = lambda idx, g: collate_images([dataset[i] for i in idx])  # noqa: E731
+    fetch = lambda pairs: collate_images([dataset[i] for i, _ in pairs])  # noqa: E731
     return StepBatches(len(dataset), cfg.batch_size, seed, fetch, rank=rank, world=world)
 
 

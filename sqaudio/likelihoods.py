@@ -10,24 +10,28 @@ import torch
 from torch import Tensor, nn
 
 from sqaudio.config import ModelConfig
+from sqaudio.distributed import sum_all
 
 
-def _masked_error(x_hat: Tensor, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Sum of squared errors and number of valid elements. mask broadcasts over x (e.g. (B, 1, T))."""
+def _masked_error(x_hat: Tensor, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sum of squared errors, valid elements and samples, over all ranks. mask broadcasts over x (B, 1, T)."""
     err = (x_hat.float() - x.float()) ** 2
     if mask is None:
-        return err.sum(), torch.tensor(float(err.numel()), device=err.device)
-    mask = mask.to(err.dtype).expand_as(err)
-    return (err * mask).sum(), mask.sum()
+        count = torch.tensor(float(err.numel()), device=err.device)
+    else:
+        mask = mask.to(err.dtype).expand_as(err)
+        err, count = err * mask, mask.sum()
+    batch = torch.tensor(float(x.shape[0]), device=err.device)
+    return sum_all(err.sum()), sum_all(count), sum_all(batch)
 
 
 class GaussianMLE(nn.Module):
     """N(x_hat, sigma^2 I) with sigma^2 replaced by the batch MSE: loss = (D/2) log(MSE)."""
 
     def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None):
-        sse, count = _masked_error(x_hat, x, mask)
+        sse, count, batch = _masked_error(x_hat, x, mask)
         mse = sse / count
-        dims = count / x.shape[0]  # D: valid elements per sample
+        dims = count / batch  # D: valid elements per sample
         return {"reconstruction": 0.5 * dims * torch.log(mse)}, {"mse": mse.detach()}
 
 
@@ -43,8 +47,7 @@ class GaussianLearned(nn.Module):
         self.log_var_x = nn.Parameter(torch.tensor(float(log_var_init)))
 
     def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None):
-        sse, count = _masked_error(x_hat, x, mask)
-        batch = x.shape[0]
+        sse, count, batch = _masked_error(x_hat, x, mask)
         loss = sse / batch / (2 * self.log_var_x.exp()) + 0.5 * (count / batch) * self.log_var_x
         return {"reconstruction": loss}, {"mse": (sse / count).detach(), "var_x": self.log_var_x.exp().detach()}
 

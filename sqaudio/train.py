@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from sqaudio import checkpoint
+from sqaudio import checkpoint, distributed
 from sqaudio.config import FeatureConfig, Recipe, TemperatureConfig, from_dict, to_dict
 from sqaudio.data import StepBatches, image_batches, speech_batches
 from sqaudio.errors import UserError
@@ -106,14 +106,24 @@ class _StopFlag:
 
 def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False,
           device: str | None = None, quiet: bool = False) -> dict[str, float]:
-    """Train `recipe` on `data` into run directory `out`; returns the final logged statistics."""
+    """Train `recipe` on `data` into run directory `out`; returns the final logged statistics.
+
+    Under torchrun (WORLD_SIZE > 1) each process takes its slice of every global batch and the model is
+    wrapped in DistributedDataParallel; only rank 0 writes checkpoints, logs and progress.
+    """
     out = Path(out)
     dev = pick_device(device)
+    ctx = distributed.init_from_env(dev)
+    if dev.type == "cuda" and ctx.world > 1:
+        dev = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(dev)
+    if recipe.data.batch_size % ctx.world:
+        raise UserError(f"data.batch_size {recipe.data.batch_size} is not divisible by {ctx.world} processes")
     existing = checkpoint.list_checkpoints(out) if out.is_dir() else []
     if existing and not resume:
         raise UserError(f"{out} already holds checkpoints; pass --resume to continue or choose a new --out")
     torch.manual_seed(recipe.train.seed)
-    td = load_training_data(recipe, data)
+    td = load_training_data(recipe, data, ctx.rank, ctx.world)
     if recipe.model.kind == "speech" and recipe.model.speech.n_speakers == 0:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(
             recipe.model, speech=dataclasses.replace(recipe.model.speech, n_speakers=len(td.speakers))))
@@ -129,41 +139,65 @@ def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = Fals
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step = state["step"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    return _loop(model, opt, sched, td, recipe, out, dev, step, total, quiet)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        _truncate_history(out, step)
+    net = model
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    try:
+        return _loop(net, model, opt, sched, td, recipe, out, dev, step, total, quiet or not ctx.is_main, ctx)
+    finally:
+        distributed.shutdown()
 
 
-def _loop(model, opt, sched, td: TrainingData, recipe: Recipe, out: Path, dev, step: int, total: int,
-          quiet: bool) -> dict[str, float]:
+def _truncate_history(out: Path, step: int) -> None:
+    """Drop logged rows past the checkpoint a run resumes from (they will be logged again)."""
+    path = out / HISTORY
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def _loop(net, model, opt, sched, td: TrainingData, recipe: Recipe, out: Path, dev, step: int, total: int,
+          quiet: bool, ctx: distributed.Context) -> dict[str, float]:
     from torch.utils.tensorboard import SummaryWriter
 
     cfg = recipe.train
     scale = recipe.features.top_db ** 2 if recipe.data.kind == "speech" else 1.0
-    writer = SummaryWriter(str(out / "tensorboard"))
+    writer = SummaryWriter(str(out / "tensorboard")) if ctx.is_main else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16" and dev.type == "cuda")
     stop = _StopFlag()
     previous = signal.signal(signal.SIGTERM, stop)
     running: dict[str, float] = {}
     epoch_loss, last = [], {}
-    model.train()
+    save = lambda: ctx.is_main and checkpoint.save_step(  # noqa: E731
+        checkpoint_state(model, opt, sched, step, recipe, td), out, step, cfg.keep_last)
+    net.train()
     progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                         console=console, disable=quiet)
     try:
         with progress:
             task = progress.add_task("train", total=total, completed=step, info="")
-            while step < total and not stop.stop:
+            while step < total:
                 batch = {k: v.to(dev, non_blocking=True) for k, v in td.batches[step].items()}
                 tau = temperature(recipe.quantizer.temperature, step)
                 with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    result = model(batch, temperature=tau)
+                    result = net(batch, temperature=tau)
                 loss = result.loss
-                if not torch.isfinite(loss):
+                flags = distributed.sum_all(torch.tensor([float(not torch.isfinite(loss)), float(stop.stop)], device=dev))
+                if flags[0] > 0:
                     good = checkpoint.list_checkpoints(out)
                     raise UserError(f"loss is {loss.item()} at step {step}; stopped without saving "
                                     f"(last good checkpoint: {good[-1] if good else 'none'})")
+                if flags[1] > 0:
+                    stop.stop = True
+                    break
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -181,22 +215,26 @@ def _loop(model, opt, sched, td: TrainingData, recipe: Recipe, out: Path, dev, s
                     sched.step()
                 row = _stats_row(result, loss, tau, scale, opt)
                 running = {k: running.get(k, v) * 0.9 + v * 0.1 for k, v in row.items()}
-                if step % cfg.log_every == 0 or step == total:
+                if (step % cfg.log_every == 0 or step == total) and ctx.is_main:
                     last = {"step": step, **running}
                     _log(writer, out, last)
                 progress.update(task, completed=step, info=_describe(running))
                 if step % cfg.checkpoint_every == 0 or step == total:
-                    checkpoint.save_step(checkpoint_state(model, opt, sched, step, recipe, td), out, step, cfg.keep_last)
+                    save()
     except KeyboardInterrupt:
         stop.stop = True
     finally:
         signal.signal(signal.SIGTERM, previous)
-        writer.close()
+        if writer is not None:
+            writer.close()
     if stop.stop:
-        checkpoint.save_step(checkpoint_state(model, opt, sched, step, recipe, td), out, step, cfg.keep_last)
-        console.print(f"interrupted: saved checkpoint at step {step} in {out}; continue with --resume")
+        save()
+        if ctx.is_main:
+            console.print(f"interrupted: saved checkpoint at step {step} in {out}; continue with --resume")
         return last
-    _finish(out, last, quiet)
+    if ctx.is_main:
+        _finish(out, last, quiet)
+    distributed.barrier()
     return last
 
 

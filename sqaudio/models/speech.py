@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sqaudio.config import SpeechModelConfig
+from sqaudio.distributed import active, sum_all
 
 
 def encoder_lengths(frames: Tensor) -> Tensor:
@@ -25,15 +26,19 @@ def length_mask(lengths: Tensor, size: int) -> Tensor:
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over (B, C, T) whose batch statistics count only positions where mask is True."""
+    """BatchNorm1d over (B, C, T) whose batch statistics count only positions where mask is True.
+
+    Under torch.distributed the statistics are summed over all ranks (synchronised BatchNorm), so a
+    multi-process run normalises exactly like one process holding the whole global batch.
+    """
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is None or not self.training:
+        if not self.training or (mask is None and not active()):
             return super().forward(x)
-        m = mask[:, None, :].to(x.dtype)  # (B, 1, T)
-        n = m.sum()
-        mean = (x * m).sum(dim=(0, 2)) / n
-        var = (((x - mean[None, :, None]) ** 2) * m).sum(dim=(0, 2)) / n
+        m = (mask[:, None, :] if mask is not None else torch.ones_like(x[:, :1])).to(x.dtype)  # (B, 1, T)
+        n = sum_all(m.sum())
+        mean = sum_all((x * m).sum(dim=(0, 2))) / n
+        var = sum_all((((x - mean[None, :, None]) ** 2) * m).sum(dim=(0, 2))) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
