@@ -64,6 +64,12 @@ def latest(run_dir_or_file: Path) -> Path:
     return found[-1]
 
 
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete temporary files a killed process left behind (they were never renamed into place)."""
+    for tmp in Path(run_dir).glob(".checkpoint-*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def save_step(state: dict[str, Any], run_dir: Path, step: int, keep_last: int) -> Path:
     """Write checkpoint-<step>.pt atomically, then delete all but the newest `keep_last`."""
     path = Path(run_dir) / f"checkpoint-{step}.pt"

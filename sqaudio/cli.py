@@ -16,14 +16,20 @@ console = Console(stderr=True)
 
 
 class _Group(TyperGroup):
-    """Turns a UserError from any command into one red line on stderr and exit code 2."""
+    """Turns a UserError (or an OS error such as a full disk) into one red line on stderr and exit code 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as err:
-            console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        except (UserError, OSError) as err:
+            message = str(err) if isinstance(err, UserError) else _os_message(err)
+            console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
             raise typer.Exit(2) from None
+
+
+def _os_message(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or err}{where} (existing results were left as they were)"
 
 
 app = typer.Typer(cls=_Group, help="Train and use SQ-VAE discrete speech codecs (Takida et al., ICML 2022).",

@@ -141,6 +141,7 @@ def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = Fals
         step = state["step"]
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temporaries(out)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         _truncate_history(out, step)
     net = model
