@@ -88,6 +88,8 @@ class VisionModelConfig:
     channels: int = 128
     n_resblocks: int = 2
     num_classes: int = 0         # vMF segmentation maps: number of classes (0 for RGB/gray images)
+    n_downsample: int = 2        # stride-2 k4 convs (latent side = image_size / 2**n_downsample)
+    output_activation: str = "auto"  # auto (sigmoid for images, none for class maps) | sigmoid | softplus | none
 
 
 @dataclass
