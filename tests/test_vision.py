@@ -73,6 +73,8 @@ def test_bad_geometry_is_a_user_error():
     enc = VisionEncoder(tiny(image_size=32), 4)
     with pytest.raises(UserError, match="image_size is 32"):
         enc(torch.rand(1, 3, 28, 28))
+    with pytest.raises(UserError, match="1 channels but the model expects 3"):
+        enc(torch.rand(1, 1, 32, 32))
     with pytest.raises(UserError, match="output_activation"):
         VisionDecoder(tiny(output_activation="tanh"), 4, 3)
 

@@ -86,7 +86,8 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"var_channels must be in [0, out_channels), got {var_channels} of {out_channels}")
         self.cfg = cfg
         c = cfg.channels
-        widths = _widths(cfg, cfg.num_classes or cfg.in_channels)
+        self.in_channels = cfg.num_classes or cfg.in_channels
+        widths = _widths(cfg, self.in_channels)
         layers: list[nn.Module] = []
         for i in range(cfg.n_downsample):
             layers.append(nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1))
@@ -104,6 +105,9 @@ class VisionEncoder(nn.Module):
         if x.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise UserError(f"images are {x.shape[-2]}x{x.shape[-1]} but model.vision.image_size is "
                             f"{self.cfg.image_size}")
+        if x.shape[1] != self.in_channels:
+            raise UserError(f"images have {x.shape[1]} channels but the model expects {self.in_channels} "
+                            "(model.vision.in_channels, or num_classes for class maps)")
         h = self.trunk(x)  # (B, C, h, w)
         mean = self.mean_head(h)
         return mean if self.var_head is None else torch.cat([mean, self.var_head(h)], dim=1)
