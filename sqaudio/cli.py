@@ -273,3 +273,46 @@ def data_mnist(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+# --- vocoder: train / inspect parallel-wavegan vocoders on the prepared features -------------------------------
+
+vocoder_app = typer.Typer(help="Neural vocoders (parallel-wavegan) for the prepared features.", no_args_is_help=True)
+app.add_typer(vocoder_app, name="vocoder")
+
+
+@vocoder_app.command("train")
+def vocoder_train(
+    features_dir: Path = typer.Argument(..., help="Prepared feature store (`sqaudio prepare` output)."),
+    out: Path = typer.Option(..., "--out", help="Vocoder directory (checkpoints, config.yaml, logs/)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="hifigan (default), tiny, parallel_wavegan, melgan, "
+                                                               "multiband_melgan, stylemelgan, or a YAML path."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.steps=1000."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table."),
+) -> None:
+    """Train a GAN vocoder (HiFi-GAN by default) on the store's normalised log-mel -> 16 kHz waveform."""
+    from sqaudio.vocoder_train import train_vocoder
+
+    summary = train_vocoder(features_dir, out, recipe, overrides, resume, device, quiet)
+    if summary["interrupted"]:
+        raise typer.Exit(130)
+
+
+@vocoder_app.command("info")
+def vocoder_info(
+    path: str = typer.Argument(..., help="griffin-lim, a vocoder dir or checkpoint, or a parallel-wavegan dir."),
+) -> None:
+    """Show a vocoder's type, checkpoint and the features it takes."""
+    from rich.table import Table
+
+    from sqaudio.vocoder import load_vocoder
+
+    vocoder = load_vocoder(path, "cpu")
+    table = Table(title=f"vocoder {path}", show_header=False)
+    for key, value in getattr(vocoder, "info", {}).items():
+        table.add_row(key, str(value))
+    for key, value in vocoder.native().describe().items():
+        table.add_row(key, value)
+    Console().print(table)
