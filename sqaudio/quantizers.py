@@ -43,12 +43,13 @@ class QuantizerOutput:
     stats: dict[str, Tensor]
 
 
-def weighted_sq_distance(z: Tensor, codebook: Tensor, weight: Tensor | None = None) -> Tensor:
-    """sum_d w_d (z_nd - b_kd)^2 for every row n and code k, as one matrix product (no (N, D, K) tensor).
+def weighted_sq_distance(z: Tensor, codebook: Tensor, weight: Tensor | None = None, scale: float = 1.0) -> Tensor:
+    """scale * sum_d w_d (z_nd - b_kd)^2 for every row n and code k, as one matrix product (no (N, D, K) tensor).
 
     Args:
         z: (N, D) points. codebook: (K, D).
         weight: None (all ones), a per-row scalar (N, 1) or (1, 1), or a per-row diagonal (N, D).
+        scale: factor applied inside the product (-1 gives logits without another (N, K) tensor).
     Returns:
         (N, K) distances, expanded as sum w z^2 - 2 (w z) . b_k + w . b_k^2.
     """
@@ -62,14 +63,32 @@ def weighted_sq_distance(z: Tensor, codebook: Tensor, weight: Tensor | None = No
         bb = codebook.square()                                    # (K, D): b_kd^2
     lhs = torch.cat([wz, weight.expand(n, -1)], dim=-1)           # (N, D + 1) or (N, 2D)
     rhs = torch.cat([-2.0 * codebook, bb], dim=-1)                # (K, D + 1) or (K, 2D)
-    return torch.addmm(zz, lhs, rhs.t())                          # (N, K)
+    return torch.addmm(zz, lhs, rhs.t(), beta=scale, alpha=scale)  # (N, K)
 
 
 def gumbel_softmax(logits: Tensor, temperature: float | Tensor) -> Tensor:
     """Soft Gumbel-softmax sample softmax((logits + g) / tau) along the last dim (reparameterised, no hard ST)."""
     eps = torch.finfo(logits.dtype).eps
-    gumbel = torch.rand_like(logits).clamp_(eps, 1 - eps).log_().neg_().log_().neg_()  # ~ Gumbel(0, 1)
-    return torch.softmax((logits + gumbel) / temperature, dim=-1)
+    noisy = torch.rand_like(logits).clamp_(eps, 1 - eps).log_().neg_().log_().neg_()  # ~ Gumbel(0, 1)
+    return torch.softmax(noisy.add_(logits).div_(temperature), dim=-1)  # in place: one (N, K) buffer
+
+
+class _NegEntropy(torch.autograd.Function):
+    """sum_k P_k log P_k over the last dim, P = softmax(logits); keeps only log P (one (N, K) tensor) for
+    backward, where d/dl_k = P_k (log P_k - sum_j P_j log P_j)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        log_p = torch.log_softmax(logits, dim=-1)
+        out = log_p.exp().mul_(log_p).sum(-1)
+        ctx.save_for_backward(log_p, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        log_p, out = ctx.saved_tensors
+        return (log_p - out.unsqueeze(-1)).mul_(log_p.exp()).mul_(grad.unsqueeze(-1))
 
 
 def code_usage(codes: Tensor, valid: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
@@ -175,8 +194,7 @@ class _StochasticQuantizer(Quantizer):
                 var_q: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Batch-averaged losses from per-position distance terms (B, N) and the stats."""
         batch = logits.shape[0]
-        log_p = torch.log_softmax(logits, dim=-1)                  # (B, N, K)
-        neg_entropy = (log_p.exp() * log_p).sum(-1)                # (B, N): sum_k P log P
+        neg_entropy = _NegEntropy.apply(logits)                     # (B, N): sum_k P log P
         losses = {"latent_distance": torch.where(valid, distance, 0.0).sum() / batch,
                   "latent_entropy": torch.where(valid, neg_entropy, 0.0).sum() / batch}
         perplexity, _ = code_usage(codes, valid, self.codebook_size)
@@ -271,7 +289,7 @@ class GaussianSQ(_StochasticQuantizer):
         codebook = self.codebook.to(z.dtype)
         var, precision = self.variance(var_logits, valid, z)       # (B|1, N|1, 1|D)
         weight = (0.5 * precision).expand(batch, n, -1).reshape(batch * n, -1)
-        logits = -weighted_sq_distance(z.reshape(batch * n, dim), codebook, weight)
+        logits = weighted_sq_distance(z.reshape(batch * n, dim), codebook, weight, scale=-1.0)
         logits = logits.view(batch, n, -1)                         # (B, N, K)
         z_q, codes = self._sample(logits, codebook, temperature)
         distance = 0.5 * (precision * (z - z_q).square()).sum(-1)  # (B, N)

@@ -91,6 +91,7 @@ def test_fast_distance_equals_direct_values_and_gradients(kind):
     fast = weighted_sq_distance(z, cb, w)
     slow = direct_distance(z, cb, torch.ones(1, 1, dtype=torch.float64) if w is None else w.expand(n, D))
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(weighted_sq_distance(z, cb, w, scale=-0.5), -0.5 * slow, rtol=1e-10, atol=1e-10)
     seed = torch.randn(n, K, generator=g, dtype=torch.float64)
     leaves = [t for t in (z, cb, w) if t is not None]
     grads_fast = torch.autograd.grad((fast * seed).sum(), leaves)
@@ -114,6 +115,11 @@ def test_gaussian_eval_loss_equals_reference(variant, combine, shape):
     torch.testing.assert_close(out.losses["latent_entropy"], ent)
     torch.testing.assert_close(out.z_q, z_q)
     torch.testing.assert_close(out.stats["var_q"], var_mean.detach())
+    leaves = [z, q.codebook, q.log_var_scalar] + ([v] if v is not None else [])
+    ours = torch.autograd.grad(sum(out.losses.values()), leaves)
+    theirs = torch.autograd.grad(dist + ent, leaves)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("variant,combine,shape", GAUSS_CASES[::2])
@@ -129,6 +135,12 @@ def test_gaussian_training_loss_equals_reference_with_same_gumbel_noise(variant,
     torch.testing.assert_close(out.z_q, z_q)
     torch.testing.assert_close(out.losses["latent_distance"], dist)
     torch.testing.assert_close(out.losses["latent_entropy"], ent)
+    leaves = [z, q.codebook, q.log_var_scalar] + ([v] if v is not None else [])
+    seed = torch.randn_like(z_q)
+    ours = torch.autograd.grad(sum(out.losses.values()) + (out.z_q * seed).sum(), leaves)
+    theirs = torch.autograd.grad(dist + ent + (z_q * seed).sum(), leaves)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
 
 
 def test_variance_channels_follow_reference_encoders():
