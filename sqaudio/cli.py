@@ -296,8 +296,8 @@ def vocoder_train(
     from sqaudio.vocoder_train import train_vocoder
 
     summary = train_vocoder(features_dir, out, recipe, overrides, resume, device, quiet)
-    if summary["interrupted"]:
-        raise typer.Exit(130)
+    if summary["interrupted"]:  # stopped by SIGINT/SIGTERM after saving a checkpoint
+        raise typer.Exit(128 + summary["interrupted"])
 
 
 @vocoder_app.command("info")

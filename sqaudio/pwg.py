@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import traceback
 import warnings
 from pathlib import Path
@@ -204,14 +203,6 @@ def load_pwg_generator_state(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} has no ['model']['generator'] entry: not a parallel-wavegan checkpoint") from None
 
 
-def stft_loss_hops_ok(fft_sizes: list[int], hop_sizes: list[int], win_lengths: list[int]) -> bool:
-    return len(fft_sizes) == len(hop_sizes) == len(win_lengths) and all(
-        w <= n for n, w in zip(fft_sizes, win_lengths))
-
-
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
-
-def receptive_frames(hop_length: int, samples: int) -> int:
-    return math.ceil(samples / hop_length)

@@ -266,7 +266,8 @@ class Vocoder:
         blocking, convertible = differences(MelConvention.of(features), self.native())
         if blocking:
             also = f"; convertible: {'; '.join(convertible)}" if convertible else ""
-            raise UserError(f"vocoder {self.name} does not fit these features: {'; '.join(blocking)}{also}")
+            raise UserError(f"vocoder {self.name} cannot take these features (no conversion across analysis "
+                            f"grids): {'; '.join(blocking)}{also}")
         self.features = features
 
     def synthesize(self, logmel: torch.Tensor) -> torch.Tensor:

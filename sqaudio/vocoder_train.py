@@ -363,7 +363,6 @@ class _Run:
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(step, tc.steps),
                                              num_workers=tc.num_workers, generator=torch.Generator(),
                                              pin_memory=self.dev.type == "cuda")
-        writer = SummaryWriter(str(self.out / "logs"))
         start_step, started, last_ckpt, sums, count = step, time.perf_counter(), None, {}, 0
         last: dict[str, float] = {}
         eval_mel = None
@@ -371,7 +370,8 @@ class _Run:
         progress = Progress(TextColumn("vocoder"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
                             disable=quiet)
-        with _StopFlag() as stop, progress:
+        with _StopFlag() as stop, progress:  # before the writer and the loader's workers (they inherit it)
+            writer = SummaryWriter(str(self.out / "logs"))
             task = progress.add_task("", total=tc.steps, completed=step)
             for mel, wav in loader:
                 mel, wav = mel.to(self.dev, non_blocking=True), wav.to(self.dev, non_blocking=True)
@@ -396,13 +396,13 @@ class _Run:
                 if stop.signal is not None:
                     console.print(f"stopped by signal {stop.signal} at step {step}; saved {last_ckpt}")
                     break
-        writer.close()
+            writer.close()
         if last_ckpt is None and step > 0:  # nothing left to train (resumed at the end)
             last_ckpt = checkpoint.latest(self.out)
         elapsed = time.perf_counter() - started
         summary = {"step": step, "steps_run": step - start_step, "seconds": elapsed,
                    "checkpoint": str(last_ckpt) if last_ckpt else None, "eval_mel_loss": eval_mel,
-                   "interrupted": stop.signal is not None, **{f"loss/{k}": v for k, v in (last or {}).items()}}
+                   "interrupted": stop.signal, **{f"loss/{k}": v for k, v in (last or {}).items()}}
         if not quiet:
             _print_summary(summary, self.out)
         return summary

@@ -246,3 +246,30 @@ def test_griffin_lim_round_trip():
     assert sc < 0.15  # measured 0.098 with 32 iterations
     noise = np.random.default_rng(1).standard_normal(x.size).astype(np.float32)
     assert spectral_convergence(x, noise) > 0.9  # the measure can fail
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "sqaudio", "vocoder", "train", str(store), "--out", str(out),
+                             "--recipe", "tiny", "--quiet", "--set", "train.steps=1000000",
+                             "--set", "train.checkpoint_every=1000000", "--set", "train.eval_utterances=0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while not list((out / "logs").glob("events.*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it run a few steps
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=90)[0].decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    saved = checkpoint.list_checkpoints(out)
+    assert len(saved) == 1 and checkpoint.load(saved[0])["step"] >= 1
+    assert not list(out.glob(".*.tmp"))
