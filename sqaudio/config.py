@@ -170,8 +170,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise UserError(f"config key '{path}' must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            raise UserError(f"config key '{path}' must be float, got {value!r}") from None
     if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise UserError(f"config key '{path}' must be {hint.__name__}, got {value!r}")
     return value
