@@ -46,7 +46,8 @@ class SpeechItems:
         mel = np.load(self.store.root / entry["features"], mmap_mode="r")
         total = mel.shape[-1]
         if frames is not None and total > frames:
-            start = int(torch.randint(0, total - frames + 1, (1,), generator=g)) if g is not None else 0
+            # the reference draws start in [0, total - frames - 1]
+            start = int(torch.randint(0, total - frames, (1,), generator=g)) if g is not None else 0
             mel = mel[:, start:start + frames]
         return {"mel": torch.from_numpy(np.array(mel, dtype=np.float32)),
                 "speaker": torch.tensor(self.index[entry["speaker"]])}
@@ -140,9 +141,9 @@ def speech_batches(store: Store, cfg: DataConfig, speakers: list[str], seed: int
     train = store.split("train")
     if cfg.mode == "crop":
         need = cfg.sample_frames + 2
-        usable = [e for e in train if e["frames"] >= need]
+        usable = [e for e in train if e["frames"] > need]
         if not usable:
-            raise UserError(f"no training utterance has the {need} frames a crop needs "
+            raise UserError(f"no training utterance is longer than the {need} frames a crop needs "
                             f"(data.sample_frames={cfg.sample_frames} + 2 context frames)")
         items = SpeechItems(store, usable, speakers)
         fetch = lambda pairs: collate_speech([items.item(i, g, need) for i, g in pairs], with_lengths=False)  # noqa: E731
