@@ -16,6 +16,7 @@ import copy
 import inspect
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import scipy.signal
 import scipy.signal.windows
 import torch
 import torch.nn.functional as F
+import yaml
 
 from sqaudio.errors import UserError
 
@@ -168,7 +170,83 @@ def min_discriminator_samples(kind: str, params: dict[str, Any]) -> int:
 
 # ---- pretrained parallel-wavegan model directories (config.yml, checkpoint-*steps.pkl, stats.h5|npy) ----
 
-def find_pwg_checkpoint(root: Path) -> Path | None:
+@dataclass
+class Pretrained:
+    """A loaded parallel-wavegan model directory.
+
+    Args:
+        root / checkpoint: the directory and the checkpoint used; config: its config.yml.
+        generator: the generator (weights loaded, weight norm folded); mean / scale: the log10-mel statistics.
+        grid: sample_rate, hop_length, n_fft, win_length, window, n_mels, fmin, fmax of its features.
+    """
+
+    root: Path
+    checkpoint: Path
+    config: dict[str, Any]
+    generator: Generator
+    mean: np.ndarray
+    scale: np.ndarray
+    grid: dict[str, Any]
+
+
+def load_pretrained(path: Path) -> Pretrained:
+    """A parallel-wavegan model directory: config.yml + newest checkpoint-*.pkl (or the given one) + stats."""
+    root = path if path.is_dir() else path.parent
+    ckpt = path if path.is_file() else find_checkpoint(root)
+    if ckpt is None:
+        raise UserError(f"{root} has config.yml but no checkpoint-*.pkl")
+    conf = read_config(root / "config.yml")
+    stats = read_stats(root)
+    if stats is None:
+        raise UserError(f"{root} has no stats.h5 or stats.npy (the mean/scale its log-mel was normalised with)")
+    grid = feature_grid(conf, root)
+    if stats[0].size != grid["n_mels"] or stats[1].size != grid["n_mels"]:
+        raise UserError(f"{root}: stats have {stats[0].size} bands but config.yml says num_mels {grid['n_mels']}")
+    kind = str(conf.get("generator_type", "ParallelWaveGANGenerator"))
+    if kind not in GENERATORS:
+        raise UserError(f"{root}: generator_type {kind} is not supported (supported: {', '.join(GENERATORS)})")
+    generator = Generator(kind, conf.get("generator_params") or {}, grid["n_mels"], grid["hop_length"],
+                          pqmf_params(conf))
+    state = load_generator_state(ckpt)
+    state = {k: v for k, v in state.items() if k not in ("mean", "scale")}  # stats buffers, if registered
+    try:
+        generator.net.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{ckpt} does not match the generator in config.yml: {str(err).splitlines()[0]}") from None
+    generator.remove_weight_norm()
+    return Pretrained(root, ckpt, conf, generator.eval(), stats[0], stats[1], grid)
+
+
+def feature_grid(conf: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The analysis settings of a parallel-wavegan config (its defaults for win_length, fmin, fmax)."""
+    try:
+        rate, hop, n_fft, n_mels = (int(conf[k]) for k in ("sampling_rate", "hop_size", "fft_size", "num_mels"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{root / 'config.yml'}: missing or invalid setting {err}") from None
+    return {"sample_rate": rate, "hop_length": hop, "n_fft": n_fft, "win_length": int(conf.get("win_length") or n_fft),
+            "window": str(conf.get("window") or "hann"), "n_mels": n_mels, "fmin": float(conf.get("fmin") or 0.0),
+            "fmax": float(conf.get("fmax") or rate / 2)}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        conf = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not plain YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(conf, dict):
+        raise UserError(f"{path} is not a parallel-wavegan config (expected a mapping)")
+    return conf
+
+
+def pqmf_params(conf: dict[str, Any]) -> dict[str, Any]:
+    """parallel-wavegan's own rule: config pqmf_params, or the pre-0.4.3 defaults for old configs."""
+    if "pqmf_params" in conf:
+        return dict(conf["pqmf_params"])
+    version = tuple(int(p) for p in str(conf.get("version", "0.1.0")).split(".")[:3] if p.isdigit())
+    return dict(taps=62, cutoff_ratio=0.15, beta=9.0) if version <= (0, 4, 2) else {}
+
+
+def find_checkpoint(root: Path) -> Path | None:
     """Newest `checkpoint-<N>steps.pkl` in a directory, or None."""
     found = []
     for path in root.glob("checkpoint-*.pkl"):
@@ -177,7 +255,7 @@ def find_pwg_checkpoint(root: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def read_pwg_stats(root: Path) -> tuple[np.ndarray, np.ndarray] | None:
+def read_stats(root: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(mean, scale) of the log10 mel the model was trained on, from stats.h5 or stats.npy; None if absent."""
     if (root / "stats.h5").is_file():
         import h5py
@@ -189,7 +267,7 @@ def read_pwg_stats(root: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
-def load_pwg_generator_state(path: Path) -> dict[str, torch.Tensor]:
+def load_generator_state(path: Path) -> dict[str, torch.Tensor]:
     """The generator state_dict of a parallel-wavegan checkpoint, loaded with weights_only=True."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

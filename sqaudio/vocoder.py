@@ -161,6 +161,7 @@ class MelConvention:
         preemphasis: the filter applied before the STFT (0 = none).
         top_db, peak: ours only. mean/scale: per-band z-scoring of log10 mel (log10_zscore only).
         layout: how the mel is laid out in the original tool (ours (mels, frames); parallel-wavegan (frames, mels)).
+    The STFT padding mode is not part of it: it only changes the first and last frames.
     """
 
     sample_rate: int
@@ -396,59 +397,14 @@ def config_yaml(cfg: VocoderConfig, features: FeatureConfig) -> str:
 
 
 def _load_pwg_dir(path: Path, device: torch.device) -> NeuralVocoder:
-    """A parallel-wavegan model directory: config.yml + newest checkpoint-*.pkl (or the given one) + stats."""
-    from sqaudio import pwg
-    root = path if path.is_dir() else path.parent
-    ckpt = path if path.is_file() else pwg.find_pwg_checkpoint(root)
-    if ckpt is None:
-        raise UserError(f"{root} has config.yml but no checkpoint-*.pkl")
-    conf = _read_pwg_config(root / "config.yml")
-    stats = pwg.read_pwg_stats(root)
-    if stats is None:
-        raise UserError(f"{root} has no stats.h5 or stats.npy (the mean/scale its log-mel was normalised with)")
-    try:
-        rate, hop, n_fft, n_mels = (int(conf[k]) for k in ("sampling_rate", "hop_size", "fft_size", "num_mels"))
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{root / 'config.yml'}: missing or invalid setting {err}") from None
-    win = int(conf.get("win_length") or n_fft)
-    fmin = float(conf.get("fmin") or 0.0)
-    fmax = float(conf.get("fmax") or rate / 2)
-    mean, scale = stats
-    if mean.size != n_mels or scale.size != n_mels:
-        raise UserError(f"{root}: stats have {mean.size} bands but config.yml says num_mels {n_mels}")
-    native = MelConvention(rate, hop, n_fft, win, str(conf.get("window") or "hann"), n_mels, fmin, fmax,
-                           "log10_zscore", 0.0, mean=tuple(map(float, mean)), std=tuple(map(float, scale)),
-                           layout="(frames, mels)")
-    features = FeatureConfig(sample_rate=rate, hop_length=hop, n_fft=n_fft, win_length=win, n_mels=n_mels,
-                             fmin=fmin, fmax=fmax)
-    kind = str(conf.get("generator_type", "ParallelWaveGANGenerator"))
-    if kind not in pwg.GENERATORS:
-        raise UserError(f"{root}: generator_type {kind} is not supported (supported: {', '.join(pwg.GENERATORS)})")
-    generator = pwg.Generator(kind, conf.get("generator_params") or {}, n_mels, hop, _pqmf_params(conf))
-    state = pwg.load_pwg_generator_state(ckpt)
-    state = {k: v for k, v in state.items() if k not in ("mean", "scale")}  # stats buffers, if registered
-    try:
-        generator.net.load_state_dict(state)
-    except RuntimeError as err:
-        raise UserError(f"{ckpt} does not match the generator in config.yml: {str(err).splitlines()[0]}") from None
-    generator.remove_weight_norm()
-    info = {"checkpoint": str(ckpt), "generator": kind, "format": "parallel-wavegan"}
-    return NeuralVocoder(generator, native, features, device, str(root), info)
-
-
-def _read_pwg_config(path: Path) -> dict[str, Any]:
-    try:
-        conf = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not plain YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(conf, dict):
-        raise UserError(f"{path} is not a parallel-wavegan config (expected a mapping)")
-    return conf
-
-
-def _pqmf_params(conf: dict[str, Any]) -> dict[str, Any]:
-    """parallel-wavegan's own rule: config pqmf_params, or the pre-0.4.3 defaults for old configs."""
-    if "pqmf_params" in conf:
-        return dict(conf["pqmf_params"])
-    version = tuple(int(p) for p in str(conf.get("version", "0.1.0")).split(".")[:3] if p.isdigit())
-    return dict(taps=62, cutoff_ratio=0.15, beta=9.0) if version <= (0, 4, 2) else {}
+    """A parallel-wavegan model directory (or one of its checkpoint-*.pkl files) as a vocoder."""
+    from sqaudio.pwg import load_pretrained
+    model = load_pretrained(path)
+    g = model.grid
+    native = MelConvention(g["sample_rate"], g["hop_length"], g["n_fft"], g["win_length"], g["window"], g["n_mels"],
+                           g["fmin"], g["fmax"], "log10_zscore", 0.0, mean=tuple(map(float, model.mean)),
+                           std=tuple(map(float, model.scale)), layout="(frames, mels)")
+    features = FeatureConfig(sample_rate=g["sample_rate"], hop_length=g["hop_length"], n_fft=g["n_fft"],
+                             win_length=g["win_length"], n_mels=g["n_mels"], fmin=g["fmin"], fmax=g["fmax"])
+    info = {"checkpoint": str(model.checkpoint), "generator": model.generator.kind, "format": "parallel-wavegan"}
+    return NeuralVocoder(model.generator, native, features, device, str(model.root), info)

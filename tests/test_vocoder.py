@@ -182,6 +182,16 @@ def test_pretrained_pwg_dir_mismatch_names_each_setting(tmp_path):
     assert "n_mels" not in message and "n_fft" not in message
 
 
+def test_pretrained_checkpoint_needing_unpickling_is_refused(tmp_path):
+    import argparse
+    write_pwg_dir(tmp_path / "pwg", 16000, 160, [5, 4, 4, 2], 50, None, 400)
+    ckpt = tmp_path / "pwg" / "checkpoint-100steps.pkl"
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "args": argparse.Namespace(lr=1.0)}, ckpt)  # an object that needs code to rebuild
+    with pytest.raises(UserError, match="weights_only"):
+        load_vocoder(tmp_path / "pwg")
+
+
 def test_pretrained_pwg_dir_on_our_grid_converts_exactly(tmp_path):
     """Our features without pre-emphasis -> the package's own log10 mel + z-score: same output as its inference."""
     generator = write_pwg_dir(tmp_path / "ours16k", 16000, 160, [5, 4, 4, 2], 50, None, 400)
