@@ -161,7 +161,7 @@ def write_codes(out_dir: Path, stem: str, codec: Codec, enc: Encoded, fmt: str) 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "zerospeech":
-        vectors = codec.model.quantizer.lookup(torch.from_numpy(enc.codes)[None].to(codec.device))[0].T.cpu().numpy()
+        vectors = codec.model.quantizer.lookup(torch.from_numpy(enc.codes)[None].to(codec.device))[0].T.detach().cpu().numpy()
         path = out_dir / f"{stem}.txt"
         atomic_write(path, lambda tmp: np.savetxt(tmp, vectors, fmt="%.6f"))
         return path

@@ -59,6 +59,7 @@ class QuantizerConfig:
     codebook_size: int = 512
     dim: int = 64
     var_init: float = 10.0       # initial sigma_phi^2 scalar; vmf: initial kappa_q - 1
+    codebook_init_std: float = 1.0  # SQ codebooks start N(0, std^2) (reference: 1)
     var_combine: str = "log_add"  # log_add: exp(log_var + s) (speech); add: exp(log_var) + exp(s) (images)
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
     sample_at_inference: bool = False

@@ -178,7 +178,7 @@ class _StochasticQuantizer(Quantizer):
     def __init__(self, cfg: QuantizerConfig):
         super().__init__(cfg)
         self.sample_at_inference = cfg.sample_at_inference
-        self.codebook = nn.Parameter(torch.randn(cfg.codebook_size, cfg.dim))
+        self.codebook = nn.Parameter(torch.randn(cfg.codebook_size, cfg.dim) * cfg.codebook_init_std)
 
     def _sample(self, logits: Tensor, codebook: Tensor, temperature) -> tuple[Tensor, Tensor]:
         """(B, N, K) logits -> z_q (B, N, D) and codes (B, N)."""
