@@ -106,37 +106,40 @@ def evaluate_images(model, data: str | Path, device="cpu", batch_size: int = 100
     recipe = model.recipe
     _, test_set = build_image_datasets(recipe.data, data or recipe.data.root)
     usage = CodeUsage(recipe.quantizer.codebook_size)
-    totals: dict[str, float] = {}
-    n = 0
-    first = None
+    vmf = recipe.model.likelihood == "vmf"
+    totals = {"sq_err": 0.0, "correct": 0.0, "pixels": 0.0}
+    inter = union = 0
+    n, first = 0, None
     with Progress(console=console, disable=quiet) as progress:
         task = progress.add_task("evaluate", total=len(test_set))
         for start in range(0, len(test_set), batch_size):
             items = [test_set[i] for i in range(start, min(start + batch_size, len(test_set)))]
             batch = {k: v.to(device) for k, v in collate_images(items).items()}
             out = model(batch)
-            for key, value in _image_metrics(model, out).items():
-                totals[key] = totals.get(key, 0.0) + value * len(items)
+            if vmf:
+                from sqaudio.vmf import iou_counts
+
+                pred = out.x_hat.argmax(dim=1)
+                totals["correct"] += (pred == out.target).sum().item()
+                i, u = iou_counts(pred, out.target, recipe.model.vision.num_classes)
+                inter, union = inter + i, union + u
+            else:
+                totals["sq_err"] += ((out.x_hat.float() - out.target.float()) ** 2).sum().item()
+            totals["pixels"] += out.target.numel()
             usage.add(out.codes, None)
             n += len(items)
             first = first or (batch["x"][:8].cpu(), out.x_hat[:8].cpu())
             progress.advance(task, len(items))
-    result = {k: v / n for k, v in totals.items()}
-    if "mse" in result:
+    if vmf:
+        from sqaudio.vmf import miou_from_counts
+
+        result = {"accuracy": totals["correct"] / totals["pixels"], "miou": float(miou_from_counts(inter, union))}
+    else:
+        result = {"mse": totals["sq_err"] / totals["pixels"]}
         result["mse_x1e3"] = result["mse"] * 1e3
     if grid and first is not None:
         save_grid(*first, grid)
     return {**result, **usage.summary(), "images": n}
-
-
-def _image_metrics(model, out) -> dict[str, float]:
-    if model.recipe.model.likelihood == "vmf":
-        from sqaudio.vmf import miou
-
-        pred = out.x_hat.argmax(dim=1)
-        return {"accuracy": (pred == out.target).float().mean().item(),
-                "miou": float(miou(pred, out.target, model.recipe.model.vision.num_classes))}
-    return {"mse": ((out.x_hat.float() - out.target.float()) ** 2).mean().item()}
 
 
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path) -> None:

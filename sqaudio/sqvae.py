@@ -118,7 +118,7 @@ class VisionSQVAE(SQVAE):
 
         cfg = recipe.model.vision
         out_channels = cfg.num_classes if recipe.model.likelihood == "vmf" else cfg.in_channels
-        self.encoder = VisionEncoder(cfg, self.encoder_channels)
+        self.encoder = VisionEncoder(cfg, self.encoder_channels, var_channels=self.quantizer.n_var_channels)
         self.decoder = VisionDecoder(cfg, self.dim, out_channels)
 
     def _encode(self, batch):
