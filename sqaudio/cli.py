@@ -316,3 +316,40 @@ def vocoder_info(
     for key, value in vocoder.native().describe().items():
         table.add_row(key, value)
     Console().print(table)
+
+
+# --- prepare: corpus -> feature store ------------------------------------------------------------------------------
+
+@app.command()
+def prepare(
+    corpus_dir: Path = typer.Argument(..., help="Corpus folder: VCTK 0.80/0.92 (holding wav48/ or wav48_silence_trimmed/), "
+                                                "ZeroSpeech 2019 (holding english/), or <speaker>/ folders of audio."),
+    out_dir: Path = typer.Argument(..., help="Feature store to write (manifest.jsonl, features/, feature_config.json, "
+                                             "speakers.json, skipped.jsonl). Re-running resumes."),
+    corpus: str = typer.Option("auto", "--corpus", help="Layout: auto (detect and say what was found), vctk, "
+                                                        "zerospeech2019 or folder."),
+    mic: int = typer.Option(1, "--mic", help="VCTK 0.92 microphone, 1 or 2; utterances without it are skipped and counted."),
+    test_fraction: float = typer.Option(0.05, "--test-fraction", help="VCTK/folder: share of each speaker's utterances "
+                                        "held out as test (hash of seed+speaker+id: stable when files are added)."),
+    seed: int = typer.Option(0, "--seed", help="Salt of the held-out split hash."),
+    split_files: list[Path] = typer.Option([], "--split-file", help="Reference split JSON [[in_path, offset, duration, "
+                                           "out_path], ...] or evaluation list [[path, speaker], ...], paths relative "
+                                           "to CORPUS_DIR without extension; repeatable; replaces the layout's listing."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Parallel processes (default: all CPU cores)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Take the feature settings from this recipe's "
+                                         "`features` section (e.g. vctk/sqvae_gauss4)."),
+    overrides: list[str] = typer.Option([], "--set", help="Feature setting KEY=VALUE, repeatable, e.g. --set n_mels=40. "
+                                        "Keys: sample_rate, peak, preemphasis, n_fft, win_length, hop_length, n_mels, "
+                                        "fmin, fmax, top_db, pad_mode."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary tables."),
+) -> None:
+    """Compute the paper's log-mel features of a corpus (parallel, resumable) into a feature store."""
+    from sqaudio.prepare import parse_feature_options, prepare as run_prepare
+
+    features = parse_feature_options(recipe, overrides)
+    try:
+        run_prepare(corpus_dir, out_dir, corpus, mic, test_fraction, workers, features, split_files or None, seed,
+                    quiet, console)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished utterances are kept; run the same command again to continue")
+        raise typer.Exit(130) from None
