@@ -24,10 +24,26 @@ def _run(store, out, nproc, steps, *extra):
 
 
 def _assert_same(run_a, run_b):
+    """Same trajectory: per tensor, the runs differ by a tiny fraction of what training moved it.
+
+    (Adam turns rounding-level gradient differences on near-zero gradients into lr-sized steps, so a
+    per-element tolerance would be either loose or flaky; a wrong data split or gradient average moves
+    every tensor by a large fraction of its update.)
+    """
+    from sqaudio.config import load_recipe
+    from sqaudio.sqvae import build_model
+
     a = checkpoint.load(checkpoint.latest(run_a))["model"]
     b = checkpoint.load(checkpoint.latest(run_b))["model"]
-    for key in a:
-        torch.testing.assert_close(a[key].float(), b[key].float(), atol=2e-5, rtol=1e-4, msg=key)
+    recipe = load_recipe("demo/tiny", ["model.speech.n_speakers=2", "quantizer.kind=vq_ema"])
+    torch.manual_seed(recipe.train.seed)
+    start = build_model(recipe).state_dict()
+    for key, value in a.items():
+        if not value.is_floating_point():
+            continue
+        moved = (value.double() - start[key].double()).norm()
+        diff = (value.double() - b[key].double()).norm()
+        assert diff <= 1e-2 * moved + 1e-6, (key, float(diff), float(moved))
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
