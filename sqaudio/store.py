@@ -1,11 +1,18 @@
 """The prepared-feature store (the contract between `prepare` and everything after it).
 
 OUT_DIR/
-  manifest.jsonl       one JSON object per utterance: id, speaker, split (train|test), source (audio path),
-                       features (path relative to OUT_DIR of a float32 .npy (n_mels, frames)), frames, duration_s
+  manifest.jsonl       one JSON object per utterance: id (unique), speaker, split (train|test), source (absolute audio
+                       path), features (path relative to OUT_DIR of a float32 .npy (n_mels, frames), always
+                       features/<split>/<speaker>/<id>.npy), frames (= 16 kHz samples // hop + 1), duration_s (of the
+                       16 kHz audio used); entries from a split file also carry offset and duration (seconds, as given)
   feature_config.json  the FeatureConfig fields
-  speakers.json        sorted list of speaker ids (index = speaker embedding row)
-  skipped.jsonl        files that were skipped: {source, reason}
+  speakers.json        sorted ids of the speakers with at least one *train* utterance (index = speaker embedding
+                       row); speakers seen only in test (e.g. ZeroSpeech's test speakers) are not in it
+  skipped.jsonl        files that were skipped: {source, reason} (+ id, speaker when known)
+  .prepare-journal.jsonl  only while a `prepare` run is unfinished: its finished entries, used to resume
+
+manifest.jsonl is written last (atomically), so a store with a manifest is complete; every file is replaced by
+rename, never written in place (see docs/data.md).
 """
 from __future__ import annotations
 
