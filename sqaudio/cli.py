@@ -332,9 +332,10 @@ def prepare(
     test_fraction: float = typer.Option(0.05, "--test-fraction", help="VCTK/folder: share of each speaker's utterances "
                                         "held out as test (hash of seed+speaker+id: stable when files are added)."),
     seed: int = typer.Option(0, "--seed", help="Salt of the held-out split hash."),
-    split_files: list[Path] = typer.Option([], "--split-file", help="Reference split JSON [[in_path, offset, duration, "
-                                           "out_path], ...] or evaluation list [[path, speaker], ...], paths relative "
-                                           "to CORPUS_DIR without extension; repeatable; replaces the layout's listing."),
+    split_files: list[Path] = typer.Option([], "--split-file", help="Reference split file (JSON rows of in_path, "
+                                           "offset, duration, out_path) or evaluation list (rows of path, speaker); "
+                                           "paths relative to CORPUS_DIR without extension; repeatable; replaces the "
+                                           "layout's listing."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Parallel processes (default: all CPU cores)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Take the feature settings from this recipe's "
                                          "`features` section (e.g. vctk/sqvae_gauss4)."),
