@@ -203,3 +203,24 @@ def test_real_zerospeech_mini_subset(cli, tmp_path):
     store = open_store(tmp_path / "out")
     assert len(store.split("train")) == 6 and len(store.split("test")) == 3
     assert all(e["id"].startswith(e["speaker"] + "_") for e in store.entries)
+
+
+def test_demo_corpus_is_deterministic_speechlike_and_speakers_differ(tmp_path):
+    import librosa
+
+    from sqaudio.synth import make_voices
+
+    a = make_demo_corpus(tmp_path / "a", n_speakers=2, n_utts=2, seconds=(1.0, 1.5), seed=7)
+    b = make_demo_corpus(tmp_path / "b", n_speakers=2, n_utts=2, seconds=(1.0, 1.5), seed=7)
+    assert [p.relative_to(tmp_path / "a") for p in a] == [p.relative_to(tmp_path / "b") for p in b]
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    pitches = []
+    for voice in make_voices(2, seed=7):
+        wav, rate = sf.read(tmp_path / "a" / voice.name / f"{voice.name}_001.wav")
+        assert rate == 16000 and 1.0 <= len(wav) / rate <= 1.5 and 0.3 <= np.abs(wav).max() <= 0.8
+        loud = librosa.feature.rms(y=wav, frame_length=1024, hop_length=256)[0] > 0.05 * np.abs(wav).max()
+        assert 0.3 < loud.mean() < 0.95  # sounding stretches and pauses
+        f0 = librosa.yin(wav, fmin=60, fmax=400, sr=rate, frame_length=1024, hop_length=256)
+        pitches.append(np.median(f0[loud[: len(f0)]]))
+        assert abs(pitches[-1] - voice.f0) < 0.2 * voice.f0
+    assert pitches[1] > pitches[0] * 1.3  # a low and a high voice
