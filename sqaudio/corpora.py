@@ -1,7 +1,8 @@
 """Corpus layouts on disk -> utterance lists with speakers and train/test splits.
 
 Layouts (see docs/data.md):
-  vctk            VCTK 0.80 `wav48/<spk>/<spk>_<n>.wav` or VCTK 0.92 `wav48_silence_trimmed/<spk>/<spk>_<n>_mic{1,2}.flac`
+  vctk            VCTK 0.80 `wav48/<spk>/<spk>_<n>.wav`,
+                  or VCTK 0.92 `wav48_silence_trimmed/<spk>/<spk>_<n>_mic{1,2}.flac`
   zerospeech2019  `<lang>/train/{unit,voice,parallel/source,parallel/voice}/*.wav` (train), `<lang>/test/*.wav` (test);
                   speaker = file-name prefix before the first `_`
   folder          `<root>/<speaker>/**/*.{wav,flac,ogg}`
@@ -116,9 +117,11 @@ def _finish(layout: str, root: Path, utts: list[Utterance], skipped: list[dict[s
         if first is None:
             chosen[utt.id] = utt
         elif (first.path, first.offset, first.duration) != (utt.path, utt.offset, utt.duration):
-            skipped.append({"source": str(utt.path), "reason": f"duplicate utterance id '{utt.id}' (kept {first.path})"})
+            skipped.append({"source": str(utt.path),
+                            "reason": f"duplicate utterance id '{utt.id}' (kept {first.path})"})
     if not chosen:
-        why = f"; {len(skipped)} file(s) skipped, e.g. {skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
+        first_skip = f"{skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
+        why = f"; {len(skipped)} file(s) skipped, e.g. {first_skip}" if skipped else ""
         raise UserError(f"no usable audio found in {root} (layout: {layout}){why}")
     return Listing(layout, root, sorted(chosen.values(), key=lambda u: (u.speaker, u.id)), skipped)
 
@@ -148,7 +151,8 @@ def _vctk_092(audio_root: Path, mic: int) -> tuple[list[tuple[str, str, Path]], 
         for path in _audio_files(spk_dir):
             match = MIC_NAME.match(path.stem)
             if match is None:
-                skipped.append({"source": str(path), "reason": "unrecognised VCTK 0.92 file name (expected <spk>_<n>_mic1|2)"})
+                skipped.append({"source": str(path),
+                                "reason": "unrecognised VCTK 0.92 file name (expected <spk>_<n>_mic1|2)"})
                 continue
             by_utt[match["utt"]][int(match["mic"])] = path
         for utt, mics in sorted(by_utt.items()):
@@ -173,7 +177,8 @@ def list_zerospeech(root: Path) -> Listing:
             for path in _audio_files(folder) if folder.is_dir() else []:
                 speaker, sep, _ = path.stem.partition("_")
                 if not sep or not speaker:
-                    skipped.append({"source": str(path), "reason": "no speaker prefix in the file name (expected SPK_id)"})
+                    skipped.append({"source": str(path),
+                                    "reason": "no speaker prefix in the file name (expected SPK_id)"})
                     continue
                 utts.append(Utterance(path.stem, speaker, path, split))
     names = ", ".join(d.name for d in langs)
@@ -213,7 +218,8 @@ def read_split_files(paths: list[Path], corpus_root: Path) -> Listing:
             elif isinstance(row, list) and len(row) == 2:
                 utt = _eval_entry(row, corpus_root, where)
             else:
-                raise UserError(f"{where}: expected [in_path, offset, duration, out_path] or [path, speaker], got {row!r}")
+                raise UserError(f"{where}: expected [in_path, offset, duration, out_path] or [path, speaker], "
+                                f"got {row!r}")
             if isinstance(utt, dict):
                 skipped.append(utt)
             else:
@@ -258,7 +264,8 @@ def _split_entry(row: list, path: Path, corpus_root: Path, where: str) -> Uttera
     split = "test" if "test" in parts else "train" if "train" in parts else (
         "test" if "test" in path.stem.lower() else "train")
     out = Path(out_path)
-    return Utterance(out.name, out.parent.name, audio, split, float(offset), None if duration is None else float(duration))
+    return Utterance(out.name, out.parent.name, audio, split, float(offset),
+                     None if duration is None else float(duration))
 
 
 def _eval_entry(row: list, corpus_root: Path, where: str) -> Utterance | dict[str, str]:

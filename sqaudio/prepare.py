@@ -311,7 +311,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
         table.add_row(split, f"{s['utterances']:,}", str(s["speakers"]), f"{s['hours']:.3f}", f"{s['frames']:,}")
     console.print(table)
     console.print(f"{summary['computed']} computed, {summary['reused']} already done, {summary['workers']} worker(s), "
-                  f"{summary['wall_s']:.1f} s; {summary['speakers']} training speakers in speakers.json", highlight=False)
+                  f"{summary['wall_s']:.1f} s; {summary['speakers']} training speakers in speakers.json",
+                  highlight=False)
     if summary["skipped"]:
         skipped = Table(title=f"skipped files ({sum(summary['skipped'].values())}, see skipped.jsonl)")
         for column in ("reason", "files", "example"):

@@ -55,8 +55,10 @@ def make_voices(n_speakers: int, seed: int = 0) -> list[Voice]:
         high = i % 2 == 1
         f0 = rng.uniform(175, 250) if high else rng.uniform(90, 140)
         scale = rng.uniform(1.08, 1.22) if high else rng.uniform(0.88, 1.02)
-        voices.append(Voice(f"spk{i + 1:02d}", float(f0), float(scale), float(rng.uniform(0.005, 0.02)),
-                            float(rng.uniform(4.0, 6.5)), float(rng.uniform(0.005, 0.02)), float(rng.uniform(0.02, 0.1))))
+        jitter, vibrato_hz = rng.uniform(0.005, 0.02), rng.uniform(4.0, 6.5)
+        depth, breath = rng.uniform(0.005, 0.02), rng.uniform(0.02, 0.1)
+        voices.append(Voice(f"spk{i + 1:02d}", float(f0), float(scale), float(jitter), float(vibrato_hz), float(depth),
+                            float(breath)))
     return voices
 
 
@@ -101,8 +103,9 @@ def _glottal_source(rng: np.random.Generator, voice: Voice, n: int) -> np.ndarra
     t = np.arange(n) / RATE
     wander = np.convolve(rng.standard_normal(n // BLOCK + 2), np.ones(4) / 4, "same")
     jitter = np.repeat(wander, BLOCK)[:n] * voice.jitter * 3
-    f0 = voice.f0 * (1.1 - 0.2 * t / max(t[-1], 1e-9)) * (1 + voice.vibrato_depth * np.sin(2 * np.pi * voice.vibrato_hz * t)
-                                                           + jitter)
+    intonation = 1.1 - 0.2 * t / max(t[-1], 1e-9)  # falling from +10% to -10%
+    vibrato = voice.vibrato_depth * np.sin(2 * np.pi * voice.vibrato_hz * t)
+    f0 = voice.f0 * intonation * (1 + vibrato + jitter)
     phase = np.cumsum(f0) / RATE
     pulses = np.diff(np.floor(phase), prepend=0.0)  # 1 at the start of every period
     return lfilter([1.0], [1.0, -1.9, 0.9025], pulses)  # two poles at 0.95: -12 dB/octave glottal roll-off

@@ -23,7 +23,8 @@ def by_id(listing):
 
 def test_vctk_080(tmp_path):
     touch(tmp_path, "speaker-info.txt", "txt/p225/p225_001.txt",
-          *[f"wav48/p225/p225_{i:03d}.wav" for i in range(1, 31)], *[f"wav48/p315/p315_{i:03d}.wav" for i in range(1, 4)],
+          *[f"wav48/p225/p225_{i:03d}.wav" for i in range(1, 31)],
+          *[f"wav48/p315/p315_{i:03d}.wav" for i in range(1, 4)],
           "wav48/p225/._p225_001.wav", "wav48/p225/notes.txt", "wav48/p315/.DS_Store")
     listing = list_corpus(tmp_path)
     assert listing.layout.startswith("VCTK 0.80")
@@ -144,7 +145,7 @@ def test_reference_split_file_and_eval_list(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(train))
     (tmp_path / "test.json").write_text(json.dumps(test))
     (tmp_path / "mse.json").write_text(json.dumps(evaluation))
-    listing = list_corpus(tmp_path, split_files=[tmp_path / "train.json", tmp_path / "test.json", tmp_path / "mse.json"])
+    listing = list_corpus(tmp_path, split_files=[tmp_path / name for name in ("train.json", "test.json", "mse.json")])
     utts = by_id(listing)
     assert set(utts) == {"S015_0361841101", "S015_0361841102_b", "S002_0379088085", "V001_0000000047"}
     b = utts["S015_0361841102_b"]
@@ -157,7 +158,8 @@ def test_reference_split_file_and_eval_list(tmp_path):
 
 def test_split_file_csv_and_malformed_entries(tmp_path):
     zerospeech(tmp_path)
-    (tmp_path / "train.csv").write_text("english/train/voice/V002_2316864420,0.0,6.53,english/train/V002/V002_2316864420\n")
+    row = "english/train/voice/V002_2316864420,0.0,6.53,english/train/V002/V002_2316864420\n"
+    (tmp_path / "train.csv").write_text(row)
     assert [u.speaker for u in read_split_files([tmp_path / "train.csv"], tmp_path).utterances] == ["V002"]
     for bad in ([["a", "b", "c"]], [["x", -1.0, 1.0, "a/b/c"]], {"not": "a list"}, [["only_one_part", 0, 1, "c"]]):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
