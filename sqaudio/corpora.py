@@ -323,7 +323,7 @@ def list_corpus(root: str | Path, corpus: str = "auto", mic: int = 1, test_fract
         test_fraction, seed: held-out split of VCTK and folder corpora (see held_out_split).
         split_files: reference split files / evaluation lists; they replace the layout's own listing.
     """
-    root = Path(root)
+    root = Path(root).absolute()  # manifest sources must not depend on the working directory
     if not root.is_dir():
         raise UserError(f"corpus folder not found: {root}" if not root.exists() else f"not a folder: {root}")
     if split_files:

@@ -59,11 +59,10 @@ def process(utt: Utterance, out_dir: str, cfg: FeatureConfig) -> dict[str, Any]:
         if not np.all(np.isfinite(mel)):
             raise AudioError("the feature is not finite")
     except AudioError as err:
-        return {"skipped": {"source": str(utt.path), "reason": str(err), "id": utt.id, "speaker": utt.speaker}}
+        return _skip(utt, str(err))
     except (RuntimeError, ValueError, MemoryError) as err:  # decoder/resampler failures on odd input
-        return {"skipped": {"source": str(utt.path), "reason": f"cannot process: {type(err).__name__}: "
-                            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}", "id": utt.id,
-                            "speaker": utt.speaker}}
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        return _skip(utt, f"cannot process: {type(err).__name__}: {first_line}")
     rel = feature_path(utt)
     atomic_write(Path(out_dir) / rel, lambda tmp: _save_npy(tmp, mel))
     entry = {"id": utt.id, "speaker": utt.speaker, "split": utt.split, "source": str(utt.path), "features": rel,
@@ -71,6 +70,10 @@ def process(utt: Utterance, out_dir: str, cfg: FeatureConfig) -> dict[str, Any]:
     if utt.offset or utt.duration is not None:
         entry.update(offset=utt.offset, duration=utt.duration)
     return {"entry": entry}
+
+
+def _skip(utt: Utterance, reason: str) -> dict[str, Any]:
+    return {"skipped": {"source": str(utt.path), "reason": reason, "id": utt.id, "speaker": utt.speaker}}
 
 
 def _file_mode() -> int:
