@@ -291,10 +291,18 @@ def vocoder_train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table."),
+    devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP via torchrun); see docs/distributed.md."),
 ) -> None:
     """Train a GAN vocoder (HiFi-GAN by default) on the store's normalised log-mel -> 16 kHz waveform."""
     from sqaudio.vocoder_train import train_vocoder
 
+    if devices > 1:
+        from sqaudio.distributed import launch
+
+        args = ["vocoder", "train", str(features_dir), "--out", str(out), "--device", device]
+        args += (["--recipe", recipe] if recipe else []) + [a for o in overrides for a in ("--set", o)]
+        args += (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
+        raise typer.Exit(launch(devices, args))
     summary = train_vocoder(features_dir, out, recipe, overrides, resume, device, quiet)
     if summary["interrupted"]:  # stopped by SIGINT/SIGTERM after saving a checkpoint
         raise typer.Exit(128 + summary["interrupted"])
