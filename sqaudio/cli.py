@@ -270,6 +270,18 @@ def data_mnist(
     _convert_idx(src, out_root, "MNIST")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Argument(Path("demo_out"), help="Output folder for the whole chain."),
+    steps: int = typer.Option(1000, "--steps", help="Training steps of the tiny model."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes for prepare (default: all cores)."),
+) -> None:
+    """Generate speech, prepare, train a tiny SQ-VAE, evaluate it and reconstruct one file (a few minutes on CPU)."""
+    from sqaudio.demo import run_demo
+
+    run_demo(out, steps, workers, console)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
@@ -350,6 +362,9 @@ def prepare(
     overrides: list[str] = typer.Option([], "--set", help="Feature setting KEY=VALUE, repeatable, e.g. --set n_mels=40. "
                                         "Keys: sample_rate, peak, preemphasis, n_fft, win_length, hop_length, n_mels, "
                                         "fmin, fmax, top_db, pad_mode."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: prepare only part i of n (0-based) of the corpus, "
+                                         "split deterministically; join the shard outputs with `sqaudio merge-stores`."),
+    device: str = typer.Option("cpu", "--device", help="cpu, or e.g. cuda: features computed there in batches."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary tables."),
 ) -> None:
     """Compute the paper's log-mel features of a corpus (parallel, resumable) into a feature store."""
@@ -358,7 +373,28 @@ def prepare(
     features = parse_feature_options(recipe, overrides)
     try:
         run_prepare(corpus_dir, out_dir, corpus, mic, test_fraction, workers, features, split_files or None, seed,
-                    quiet, console)
+                    quiet, console, _parse_shard(shard), device)
     except KeyboardInterrupt:
         console.print("interrupted: finished utterances are kept; run the same command again to continue")
         raise typer.Exit(130) from None
+
+
+def _parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(count) > 0):
+        raise UserError(f"--shard must look like i/n (e.g. 0/4), got '{text}'")
+    return int(index), int(count)
+
+
+@app.command("merge-stores")
+def merge_stores(
+    out_dir: Path = typer.Argument(..., help="The merged feature store to write."),
+    shards: list[Path] = typer.Argument(..., help="Stores written by `sqaudio prepare --shard i/n`."),
+    quiet: bool = typer.Option(False, "--quiet", help="No summary table."),
+) -> None:
+    """Join the outputs of `prepare --shard` runs into one feature store."""
+    from sqaudio.prepare import merge_stores as run_merge
+
+    run_merge(out_dir, shards, quiet)

@@ -67,4 +67,9 @@ def launch(nproc: int, args: list[str]) -> int:
     """Run `sqaudio ARGS` in `nproc` local processes with torchrun; returns the exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "sqaudio", *args]
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the workers got the SIGINT too: wait while they save and exit
+            continue

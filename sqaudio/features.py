@@ -174,6 +174,32 @@ class LogMel(torch.nn.Module):
         return torch.add(spec[..., 0], spec[..., 1]).sqrt_()
 
 
+    @torch.no_grad()
+    def batch(self, wavs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Utterances of different lengths in one batch (e.g. on a GPU), exactly as one by one.
+
+        Each row is normalised, pre-emphasised and reflect-padded on its own before the rows are stacked, and
+        the top_db floor uses each row's own maximum, so padding changes nothing. Returns (n_mels, frames_i).
+        """
+        cfg, pad = self.cfg, self.cfg.n_fft // 2
+        rows = []
+        for wav in wavs:
+            wav = wav.to(self.fbank)
+            wav = wav / wav.abs().amax() * cfg.peak
+            wav = torch.cat([wav[:1], wav[1:] - cfg.preemphasis * wav[:-1]])
+            rows.append(F.pad(wav[None, None], (pad, pad), mode=cfg.pad_mode)[0, 0])
+        longest = max(len(r) for r in rows)
+        padded = torch.stack([F.pad(r, (0, longest - len(r))) for r in rows])  # (B, longest)
+        start = (cfg.n_fft - cfg.win_length) // 2
+        frames = padded[:, start:].unfold(-1, cfg.win_length, cfg.hop_length)  # (B, T, win)
+        mel = torch.matmul(self.fbank, self._magnitude(frames).transpose(1, 2))  # (B, mels, T)
+        out = []
+        for row, wav in zip(mel, wavs):
+            db = 20.0 * torch.log10(row[:, : len(wav) // cfg.hop_length + 1].clamp(min=AMIN))
+            out.append(torch.maximum(db, db.amax() - cfg.top_db) / cfg.top_db + 1.0)
+        return out
+
+
 def log_mel_spectrogram(wav: np.ndarray | torch.Tensor, cfg: FeatureConfig) -> np.ndarray:
     """One 16 kHz waveform (samples,) -> float32 normalised log-mel (n_mels, frames) on the CPU."""
     x = torch.as_tensor(np.asarray(wav, dtype=np.float32))[None]

@@ -26,9 +26,9 @@ from rich.table import Table
 
 from sqaudio.checkpoint import atomic_write
 from sqaudio.config import FeatureConfig, from_dict, to_dict
-from sqaudio.corpora import Listing, Utterance, list_corpus
+from sqaudio.corpora import Listing, Utterance, list_corpus, unit_hash
 from sqaudio.errors import UserError
-from sqaudio.features import AudioError, check_config, load_audio, log_mel_spectrogram
+from sqaudio.features import AudioError, LogMel, check_config, load_audio, log_mel_spectrogram
 from sqaudio.store import FEATURE_CONFIG, MANIFEST, SKIPPED, SPEAKERS, feature_config_json
 
 MIN_FRAMES = 4  # the speech encoder needs 4 frames for one latent
@@ -51,20 +51,41 @@ def process(utt: Utterance, out_dir: str, cfg: FeatureConfig) -> dict[str, Any]:
 
     Bad audio becomes a skip; an error writing the output (e.g. a full disk) is raised.
     """
+    wav = _load(utt, cfg)
+    if isinstance(wav, dict):
+        return wav
+    return _store(utt, Path(out_dir), cfg, wav, lambda: log_mel_spectrogram(wav, cfg))
+
+
+def _load(utt: Utterance, cfg: FeatureConfig) -> np.ndarray | dict[str, Any]:
+    """The utterance's 16 kHz waveform, or its skip record."""
     try:
-        wav = load_audio(utt.path, cfg, utt.offset, utt.duration)
-        mel = log_mel_spectrogram(wav, cfg)
+        return load_audio(utt.path, cfg, utt.offset, utt.duration)
+    except AudioError as err:
+        return _skip(utt, str(err))
+    except (RuntimeError, ValueError, MemoryError) as err:  # decoder/resampler failures on odd input
+        return _skip(utt, _failure(err))
+
+
+def _failure(err: Exception) -> str:
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return f"cannot process: {type(err).__name__}: {first_line}"
+
+
+def _store(utt: Utterance, out_dir: Path, cfg: FeatureConfig, wav: np.ndarray, compute) -> dict[str, Any]:
+    """Check the feature `compute()` returns, write it atomically and return the manifest entry (or a skip)."""
+    try:
+        mel = compute()
         if mel.shape[1] < MIN_FRAMES:
             raise AudioError(f"too short: {mel.shape[1]} frames, the encoder needs at least {MIN_FRAMES}")
         if not np.all(np.isfinite(mel)):
             raise AudioError("the feature is not finite")
     except AudioError as err:
         return _skip(utt, str(err))
-    except (RuntimeError, ValueError, MemoryError) as err:  # decoder/resampler failures on odd input
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        return _skip(utt, f"cannot process: {type(err).__name__}: {first_line}")
+    except (RuntimeError, ValueError, MemoryError) as err:
+        return _skip(utt, _failure(err))
     rel = feature_path(utt)
-    atomic_write(Path(out_dir) / rel, lambda tmp: _save_npy(tmp, mel))
+    atomic_write(out_dir / rel, lambda tmp: _save_npy(tmp, mel))
     entry = {"id": utt.id, "speaker": utt.speaker, "split": utt.split, "source": str(utt.path), "features": rel,
              "frames": int(mel.shape[1]), "duration_s": round(len(wav) / cfg.sample_rate, 6)}
     if utt.offset or utt.duration is not None:
@@ -122,6 +143,38 @@ def _run_jobs(todo: list[Utterance], out_dir: Path, cfg: FeatureConfig, workers:
                 yield future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+DEVICE_BATCH = 32  # utterances per feature batch on an accelerator
+
+
+def _run_jobs_device(todo: list[Utterance], out_dir: Path, cfg: FeatureConfig, workers: int,
+                     device: torch.device) -> Iterator[dict[str, Any]]:
+    """Audio is read and resampled by a thread pool; features are computed on `device` in batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    logmel = LogMel(cfg).to(device)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        loaded = pool.map(lambda utt: (utt, _load(utt, cfg)), todo)
+        batch: list[tuple[Utterance, np.ndarray]] = []
+        for utt, wav in loaded:
+            if isinstance(wav, dict):
+                yield wav
+                continue
+            batch.append((utt, wav))
+            if len(batch) == DEVICE_BATCH:
+                yield from _store_batch(batch, logmel, out_dir, cfg)
+                batch = []
+        yield from _store_batch(batch, logmel, out_dir, cfg)
+
+
+def _store_batch(batch, logmel: LogMel, out_dir: Path, cfg: FeatureConfig) -> Iterator[dict[str, Any]]:
+    if not batch:
+        return
+    device = logmel.fbank.device
+    mels = logmel.batch([torch.from_numpy(wav).to(device) for _, wav in batch])
+    for (utt, wav), mel in zip(batch, mels):
+        yield _store(utt, out_dir, cfg, wav, lambda m=mel: m.float().cpu().numpy())
 
 
 @contextmanager
@@ -205,7 +258,8 @@ def _remove_orphans(out_dir: Path, keep: set[str]) -> int:
 def prepare(corpus_dir: str | Path, out_dir: str | Path, corpus: str = "auto", mic: int = 1,
             test_fraction: float = 0.05, workers: int | None = None, feature_config: FeatureConfig | None = None,
             split_files: list[Path] | None = None, seed: int = 0, quiet: bool = False,
-            console: Console | None = None) -> dict[str, Any]:
+            console: Console | None = None, shard: tuple[int, int] | None = None,
+            device: str = "cpu") -> dict[str, Any]:
     """Prepare a corpus into a feature store at `out_dir`; re-running resumes. Returns the summary dict.
 
     Args:
@@ -219,11 +273,18 @@ def prepare(corpus_dir: str | Path, out_dir: str | Path, corpus: str = "auto", m
         split_files: reference split files / evaluation lists replacing the layout's listing.
         quiet: no progress bar and no tables.
         console: where the progress bar and tables go.
+        shard: (i, n): only the i-th of n deterministic parts of the corpus (merge with `merge_stores`).
+        device: where features are computed; not "cpu": in batches there, audio read by `workers` threads.
     """
+    from sqaudio.device import pick_device
+
     cfg = check_config(feature_config or FeatureConfig())
+    dev = pick_device(device)
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
     listing = list_corpus(corpus_dir, corpus, mic, test_fraction, seed, split_files)
+    if shard is not None:
+        listing = shard_listing(listing, *shard)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"OUT_DIR {out_dir} exists and is not a folder")
     _check_feature_config(out_dir, cfg)
@@ -247,7 +308,9 @@ def prepare(corpus_dir: str | Path, out_dir: str | Path, corpus: str = "auto", m
     workers = max(1, workers or default_workers())
     with (out_dir / JOURNAL).open("a") as journal, _progress(console, quiet) as progress:
         task = progress.add_task("prepare", total=len(todo))
-        for result in _run_jobs(todo, out_dir, cfg, workers):
+        jobs = (_run_jobs(todo, out_dir, cfg, workers) if dev.type == "cpu"
+                else _run_jobs_device(todo, out_dir, cfg, workers, dev))
+        for result in jobs:
             if "entry" in result:
                 entries[result["entry"]["id"]] = result["entry"]
                 journal.write(json.dumps(result["entry"]) + "\n")
@@ -258,6 +321,51 @@ def prepare(corpus_dir: str | Path, out_dir: str | Path, corpus: str = "auto", m
     summary = _write_store(out_dir, listing, entries, skipped)
     summary.update(reused=reused, computed=len(entries) - reused, workers=workers,
                    wall_s=round(time.perf_counter() - start, 3))
+    if not quiet:
+        print_summary(summary, Console())
+    return summary
+
+
+def shard_listing(listing: Listing, index: int, count: int) -> Listing:
+    """The utterances (and pre-read skips) of shard `index` of `count`, by a stable hash of their id."""
+    if not 0 <= index < count:
+        raise UserError(f"--shard {index}/{count}: need 0 <= i < n")
+    mine = lambda key: int(unit_hash("shard", key) * count) == index  # noqa: E731
+    return Listing(f"{listing.layout}, shard {index}/{count}", listing.root,
+                   [u for u in listing.utterances if mine(u.id)],
+                   [s for s in listing.skipped if mine(str(s.get("id", s["source"])))])
+
+
+def merge_stores(out_dir: str | Path, shard_dirs: list[Path], quiet: bool = False) -> dict[str, Any]:
+    """Merge prepared shard stores into one store: feature files are hard-linked (or copied), manifests joined."""
+    import shutil
+
+    from sqaudio.store import open_store, read_jsonl
+
+    out_dir = Path(out_dir)
+    stores = [open_store(d) for d in shard_dirs]
+    if any(s.features != stores[0].features for s in stores):
+        raise UserError("the shards were prepared with different feature settings")
+    entries: dict[str, dict[str, Any]] = {}
+    skipped = []
+    for store in stores:
+        for entry in store.entries:
+            if entry["id"] in entries and entries[entry["id"]]["source"] != entry["source"]:
+                raise UserError(f"utterance id {entry['id']} comes from two different files in the shards")
+            target = out_dir / entry["features"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                try:
+                    os.link(store.root / entry["features"], target)
+                except OSError:
+                    atomic_write(target, lambda tmp, src=store.root / entry["features"]: shutil.copyfile(src, tmp))
+            entries[entry["id"]] = entry
+        if (store.root / SKIPPED).is_file():
+            skipped += read_jsonl(store.root / SKIPPED)
+    _write_text(out_dir / FEATURE_CONFIG, feature_config_json(stores[0].features))
+    listing = Listing(f"merged from {len(stores)} shards", out_dir, [])
+    summary = _write_store(out_dir, listing, entries, skipped)
+    summary.update(reused=0, computed=len(entries), workers=0, wall_s=0.0)
     if not quiet:
         print_summary(summary, Console())
     return summary

@@ -17,6 +17,7 @@ from rich.table import Table
 from sqaudio import checkpoint, distributed
 from sqaudio.config import FeatureConfig, Recipe, TemperatureConfig, from_dict, to_dict
 from sqaudio.data import StepBatches, image_batches, speech_batches
+from sqaudio.device import pick_device  # noqa: F401  (re-exported for the commands)
 from sqaudio.errors import UserError
 from sqaudio.sqvae import SQVAE, build_model
 from sqaudio.store import open_store
@@ -28,13 +29,6 @@ HISTORY = "history.jsonl"
 def temperature(cfg: TemperatureConfig, step: int) -> float:
     """Gumbel-softmax temperature at a step: max(min, init * exp(-decay * step))."""
     return max(cfg.min, cfg.init * math.exp(-cfg.decay * step))
-
-
-def pick_device(name: str | None) -> torch.device:
-    """`auto`/None: CUDA when present, else CPU; otherwise the named device."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def feature_mismatch(expected: FeatureConfig, found: FeatureConfig) -> list[str]:

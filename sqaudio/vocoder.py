@@ -24,6 +24,7 @@ import yaml
 
 from sqaudio import checkpoint
 from sqaudio.config import RECIPES_DIR, FeatureConfig, apply_overrides, from_dict, load_recipe_dict, to_dict
+from sqaudio.device import pick_device
 from sqaudio.errors import UserError
 
 GRIFFIN_LIM = "griffin-lim"
@@ -134,19 +135,6 @@ def load_vocoder_config(name_or_path: str | Path = "hifigan", overrides: list[st
                             " or a YAML path)")
         base = load_recipe_dict(path)
     return from_dict(VocoderConfig, apply_overrides(base, overrides or []), "")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """None/`auto`: CUDA when available, else CPU; otherwise the named device (validated)."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}' (e.g. cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available")
-    return device
 
 
 # ------------------------------------------------------------------ conventions and conversion
@@ -356,7 +344,7 @@ def load_vocoder(path_or_name: str | Path, device: str | torch.device = "cpu",
                  features: FeatureConfig | None = None) -> Vocoder:
     """`griffin-lim`, one of our vocoder dirs (newest checkpoint) or checkpoint files, or a pretrained
     parallel-wavegan directory. With `features`, also `check_compatible(features)`."""
-    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    device = pick_device(str(device)) if not isinstance(device, torch.device) else device
     path = Path(path_or_name)
     if str(path_or_name) == GRIFFIN_LIM:
         vocoder: Vocoder = GriffinLimVocoder(features, device)

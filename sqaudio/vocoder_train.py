@@ -30,11 +30,12 @@ from sqaudio import checkpoint, distributed
 from sqaudio.checkpoint import atomic_write
 from sqaudio.config import FeatureConfig, from_dict, to_dict
 from sqaudio.data import StepBatches, step_generator
+from sqaudio.device import pick_device
 from sqaudio.errors import UserError
 from sqaudio.features import AudioError, load_audio, prepare_waveform
 from sqaudio.store import Store, open_store
 from sqaudio.vocoder import (CHECKPOINT_FORMAT, OptimizerConfig, VocoderConfig, build_generator, config_yaml,
-                             load_vocoder_config, resolve_device)
+                             load_vocoder_config)
 
 console = Console(stderr=True)
 OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "RAdam": torch.optim.RAdam}
@@ -313,7 +314,7 @@ def train_vocoder(features_dir: str | Path, out_dir: str | Path, recipe: str | P
     Under torchrun (WORLD_SIZE > 1) each process trains on its slice of every global batch of
     `train.batch_size` crops with DistributedDataParallel; only rank 0 writes to `out_dir`.
     """
-    store, out, dev = open_store(features_dir), Path(out_dir), resolve_device(device)
+    store, out, dev = open_store(features_dir), Path(out_dir), pick_device(device)
     state = None
     if resume:
         if recipe is not None:
