@@ -66,3 +66,14 @@ def make_store(root: Path, n_speakers: int = 2, n_utts: int = 4, seconds: float 
 @pytest.fixture
 def tiny_store(tmp_path) -> Path:
     return make_store(tmp_path / "features")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A run directory of the demo/tiny speech SQ-VAE trained 4 steps on `make_store` data (shared, read-only)."""
+    root = tmp_path_factory.mktemp("tiny_model")
+    store = make_store(root / "features")
+    result = CliRunner().invoke(app, ["train", "demo/tiny", "--data", str(store), "--out", str(root / "run"),
+                                      "--set", "train.steps=4", "--quiet", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return root / "run"

@@ -9,18 +9,8 @@ from conftest import harmonic
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from conftest import make_store
-    from sqaudio.cli import app
-
-    root = tmp_path_factory.mktemp("codec")
-    store = make_store(root / "features")
-    result = CliRunner().invoke(app, ["train", "demo/tiny", "--data", str(store), "--out", str(root / "run"),
-                                      "--set", "train.steps=4", "--quiet", "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    return root / "run"
+def model_dir(tiny_model):
+    return tiny_model
 
 
 def _wav(path, seconds=1.3, rate=16000, channels=1, seed=0):

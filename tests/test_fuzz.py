@@ -66,18 +66,8 @@ def test_random_bytes_are_refused_cleanly(tmp_path_factory, data, magic):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from conftest import make_store
-    from sqaudio.cli import app
-
-    root = tmp_path_factory.mktemp("fuzzmodel")
-    store = make_store(root / "features")
-    result = CliRunner().invoke(app, ["train", "demo/tiny", "--data", str(store), "--out", str(root / "run"),
-                                      "--set", "train.steps=2", "--quiet", "--device", "cpu"])
-    assert result.exit_code == 0
-    return root / "run"
+def model_dir(tiny_model):
+    return tiny_model
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
