@@ -87,7 +87,7 @@ def evaluate(
     model: Path = typer.Argument(..., help="Run directory (newest checkpoint) or checkpoint file."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared features dir (speech) or image dataset root."),
     split: str = typer.Option("test", "--split", help="Manifest split to evaluate (speech)."),
-    eval_list: Optional[Path] = typer.Option(None, "--list", help="Evaluation list JSON [[path, speaker], ...] (speech)."),
+    eval_list: Optional[Path] = typer.Option(None, "--list", help="Evaluation list JSON of (path without extension, speaker) rows, the reference format (speech)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Images: PNG with originals above reconstructions."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
