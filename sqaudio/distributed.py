@@ -59,7 +59,12 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together (a rank tearing gloo down under another can abort it)."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # another rank is already gone (e.g. it failed): nothing left to wait for
+            pass
         dist.destroy_process_group()
 
 

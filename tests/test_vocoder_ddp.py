@@ -115,6 +115,7 @@ def _spectral_convergence_rank(rank: int, world: int, port: int, x: torch.Tensor
         loss = GlobalSpectralConvergence()(x, y[rank::world])
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": x.grad}, f"{out}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another still talks to it (SIGABRT otherwise)
     finally:
         dist.destroy_process_group()
 
