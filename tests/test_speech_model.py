@@ -76,3 +76,19 @@ def test_padded_training_loss_and_gradients_ignore_padding():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_jitter_copies_only_neighbours_inside_each_utterance():
+    from sqaudio.models.speech import Jitter
+
+    jitter = Jitter(1.0).train()  # every latent is replaced by a neighbour
+    lengths = torch.tensor([7, 3])
+    z = torch.arange(7.0).expand(2, 1, 7).clone()  # the value of a latent is its position
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = jitter(z, lengths)[:, 0]
+        for row, n in zip(out, lengths):
+            src = row[:n]
+            assert torch.all(src <= n - 1) and torch.all(src >= 0)
+            assert torch.all((src - torch.arange(float(n))).abs() <= 1)
+    assert torch.equal(Jitter(0.5).eval()(z, lengths), z)

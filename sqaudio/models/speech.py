@@ -103,9 +103,8 @@ class Jitter(nn.Module):
         probs = torch.tensor([self.p / 2, 1 - self.p, self.p / 2], device=z.device)
         shift = torch.multinomial(probs, batch * size, replacement=True).view(batch, size) - 1
         last = (lengths if lengths is not None else torch.full((batch,), size, device=z.device)) - 1
-        index = (torch.arange(size, device=z.device)[None, :] + shift)
-        index = torch.minimum(index.clamp(min=0), last[:, None].clamp(min=0))
-        index = torch.maximum(index, torch.zeros_like(index))
+        index = torch.arange(size, device=z.device)[None, :] + shift  # (B, T): neighbour to copy from
+        index = torch.minimum(index.clamp(min=0), last[:, None].clamp(min=0))  # stay inside each utterance
         return torch.gather(z, 2, index[:, None, :].expand(-1, dim, -1))
 
 
