@@ -8,10 +8,13 @@ trajectory as one process with the same global batch, up to float rounding.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,3 +81,26 @@ def launch(nproc: int, args: list[str]) -> int:
             return proc.wait()
         except KeyboardInterrupt:  # the workers got the SIGINT too: wait while they save and exit
             continue
+
+
+class StopSignals:
+    """SIGINT/SIGTERM set the flag (the loop saves and exits); a second signal interrupts at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

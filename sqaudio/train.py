@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +87,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SQ
     return model.to(device).eval(), state
 
 
-class _StopFlag:
-    """Set by SIGTERM (and SIGINT) so the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self):
-        self.stop = False
-
-    def __call__(self, signum, frame):
-        self.stop = True
-
-
 def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False,
           device: str | None = None, quiet: bool = False) -> dict[str, float]:
     """Train `recipe` on `data` into run directory `out`; returns the final logged statistics.
@@ -166,8 +155,6 @@ def _loop(net, model, opt, sched, td: TrainingData, recipe: Recipe, out: Path, d
     writer = SummaryWriter(str(out / "tensorboard")) if ctx.is_main else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16" and dev.type == "cuda")
-    stop = _StopFlag()
-    previous = signal.signal(signal.SIGTERM, stop)
     running: dict[str, float] = {}
     epoch_loss, last = [], {}
     save = lambda: ctx.is_main and checkpoint.save_step(  # noqa: E731
@@ -176,8 +163,9 @@ def _loop(net, model, opt, sched, td: TrainingData, recipe: Recipe, out: Path, d
     progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                         console=console, disable=quiet)
+    stopped = False
     try:
-        with progress:
+        with distributed.StopSignals() as stop, progress:
             task = progress.add_task("train", total=total, completed=step, info="")
             while step < total:
                 batch = {k: v.to(dev, non_blocking=True) for k, v in td.batches[step].items()}
@@ -185,13 +173,14 @@ def _loop(net, model, opt, sched, td: TrainingData, recipe: Recipe, out: Path, d
                 with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     result = net(batch, temperature=tau)
                 loss = result.loss
-                flags = distributed.sum_all(torch.tensor([float(not torch.isfinite(loss)), float(stop.stop)], device=dev))
+                flags = distributed.sum_all(torch.tensor([float(not torch.isfinite(loss)), float(stop.signal is not None)],
+                                                         device=dev))
                 if flags[0] > 0:
                     good = checkpoint.list_checkpoints(out)
                     raise UserError(f"loss is {loss.item()} at step {step}; stopped without saving "
                                     f"(last good checkpoint: {good[-1] if good else 'none'})")
                 if flags[1] > 0:
-                    stop.stop = True
+                    stopped = True
                     break
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -216,13 +205,10 @@ def _loop(net, model, opt, sched, td: TrainingData, recipe: Recipe, out: Path, d
                 progress.update(task, completed=step, info=_describe(running))
                 if step % cfg.checkpoint_every == 0 or step == total:
                     save()
-    except KeyboardInterrupt:
-        stop.stop = True
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # (a second Ctrl-C/SIGTERM is not caught: it ends the process at once)
         if writer is not None:
             writer.close()
-    if stop.stop:
+    if stopped:
         save()
         if ctx.is_main:
             console.print(f"interrupted: saved checkpoint at step {step} in {out}; continue with --resume")

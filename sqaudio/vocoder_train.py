@@ -14,7 +14,6 @@ import math
 import os
 import random
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from sqaudio.checkpoint import atomic_write
 from sqaudio.config import FeatureConfig, from_dict, to_dict
 from sqaudio.data import StepBatches, step_generator
 from sqaudio.device import pick_device
+from sqaudio.distributed import StopSignals
 from sqaudio.errors import UserError
 from sqaudio.features import AudioError, load_audio, prepare_waveform
 from sqaudio.store import Store, open_store
@@ -283,29 +283,6 @@ def restore_rng(state: dict[str, Any], ctx: distributed.Context, seed: int) -> N
 
 # ------------------------------------------------------------------ training
 
-class _StopFlag:
-    """SIGINT/SIGTERM set the flag (the loop saves and exits); a second signal interrupts at once."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def train_vocoder(features_dir: str | Path, out_dir: str | Path, recipe: str | Path | None = None,
                   overrides: list[str] | None = None, resume: bool = False, device: str | None = None,
                   quiet: bool = False) -> dict[str, Any]:
@@ -499,7 +476,7 @@ class _Run:
         progress = Progress(TextColumn("vocoder"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
                             disable=quiet)
-        with _StopFlag() as stop, progress:  # before the writer and the loader's workers (they inherit it)
+        with StopSignals() as stop, progress:  # before the writer and the loader's workers (they inherit it)
             writer = SummaryWriter(str(self.out / "logs")) if ctx.is_main else None
             try:
                 task = progress.add_task("", total=tc.steps, completed=step)

@@ -29,11 +29,12 @@ def _wait_for_checkpoint(out, proc, timeout=120):
         time.sleep(0.05)
 
 
-def test_sigterm_saves_and_resume_finishes(tiny_store, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_and_resume_finishes(tiny_store, tmp_path, signum):
     out = tmp_path / "run"
     proc = _start(tiny_store, out, 100000)
     _wait_for_checkpoint(out, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "saved checkpoint" in err
