@@ -34,7 +34,8 @@ class QuantizerOutput:
         z_q: (B, D, *S) latents for the decoder (training SQ: the relaxed sample; VQ: straight-through).
         codes: (B, *S) long, the code per position (argmax of P_hat; at inference the code used for z_q).
         losses: named scalar loss terms, already batch-averaged; the objective adds them all.
-        stats: detached scalars for logs ("perplexity", "entropy", "var_q"; VQ: "perplexity", "used_codes").
+        stats: detached scalars for logs ("perplexity", "entropy", "var_q", Gaussian also "var_q_harmonic" =
+            1 / mean precision; VQ: "perplexity", "used_codes").
     """
 
     z_q: Tensor
@@ -295,6 +296,9 @@ class GaussianSQ(_StochasticQuantizer):
         distance = 0.5 * (precision * (z - z_q).square()).sum(-1)  # (B, N)
         var_q = _masked_mean(var.expand(batch, n, -1).mean(-1), valid)
         losses, stats = self._finish(logits, distance, codes, valid, var_q)
+        # the variance the distance sees: 1 / mean precision (unused IV dimensions, whose variance drifts
+        # very large, dominate the plain mean but not this)
+        stats["var_q_harmonic"] = 1.0 / _masked_mean(precision.expand(batch, n, -1).mean(-1), valid)
         return z_q, codes, losses, stats
 
 

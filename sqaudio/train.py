@@ -256,7 +256,7 @@ def _finish(out: Path, last: dict[str, Any], quiet: bool) -> None:
 def plot_annealing(out: Path) -> Path | None:
     """PNG of the self-annealing curves (entropy of P_hat, sigma_phi^2, perplexity vs step)."""
     rows = [json.loads(line) for line in (out / HISTORY).read_text().splitlines()] if (out / HISTORY).exists() else []
-    keys = [k for k in ("entropy", "var_q", "perplexity", "mel_mse_db2") if rows and k in rows[-1]]
+    keys = [k for k in ("entropy", "var_q", "var_q_harmonic", "perplexity", "mel_mse_db2") if rows and k in rows[-1]]
     if not keys:
         return None
     import matplotlib
@@ -269,7 +269,7 @@ def plot_annealing(out: Path) -> Path | None:
         ax.plot([r["step"] for r in rows], [r[key] for r in rows])
         ax.set_xlabel("step")
         ax.set_title(key)
-        if key == "var_q":
+        if key.startswith("var_q"):
             ax.set_yscale("log")
     fig.tight_layout()
     path = out / "annealing.png"

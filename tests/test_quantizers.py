@@ -460,3 +460,16 @@ def test_bad_config_and_shapes():
     with pytest.raises(ValueError, match="z must be"):
         q(torch.randn(1, D + 1, 3, dtype=torch.float64))
     assert isinstance(make(), GaussianSQ) and isinstance(make("vmf"), VmfSQ) and isinstance(make("vq_ema"), VQEMA)
+
+
+def test_harmonic_variance_is_one_over_mean_precision():
+    from sqaudio.config import QuantizerConfig
+    from sqaudio.quantizers import build_quantizer
+
+    q = build_quantizer(QuantizerConfig(kind="gaussian", variant=4, codebook_size=8, dim=4, var_init=1.0)).eval()
+    log_var = torch.tensor([0.0, 0.0, 0.0, 9.0]).view(1, 4, 1).expand(2, 4, 3)  # one dimension nearly unused
+    out = q(torch.randn(2, 4, 3), var_logits=log_var)
+    var = torch.exp(log_var)
+    assert out.stats["var_q"].item() == pytest.approx(var.mean().item(), rel=1e-5)
+    assert out.stats["var_q_harmonic"].item() == pytest.approx(1 / (1 / var).mean().item(), rel=1e-5)
+    assert out.stats["var_q_harmonic"] < 1.4 < out.stats["var_q"]
