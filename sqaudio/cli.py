@@ -170,12 +170,12 @@ def reconstruct(
     single = len(files) == 1 and output.suffix.lower() == ".wav"
     table = Table("file", "speaker", "codes used", "bitrate (bit/s)", "mel-MSE (dB^2)", "output")
     for path in track(files, description="reconstruct", console=console, disable=len(files) == 1):
-        wav, stats, enc = codec.reconstruct(path, speaker)
+        wav, stats, enc, mel_hat = codec.reconstruct(path, speaker)
         target = output if single else output / f"{path.stem}.wav"
         write_wav(target, wav, codec.features.sample_rate)
         if plot is not None:
-            plot_mels(enc.mel, codec.decode_mel(enc.codes, stats["speaker"])[0].cpu().numpy(),
-                      plot if single else plot / f"{path.stem}.png", title=path.name)
+            plot_mels(enc.mel, mel_hat[0].cpu().numpy(), plot if single else plot / f"{path.stem}.png",
+                      title=path.name)
         table.add_row(path.name, stats["speaker"], f"{stats['codes_used']}/{stats['latent_frames']}",
                       f"{stats['bitrate_bps']:.0f}", f"{stats['mel_mse_db2']:.2f}", str(target))
     Console().print(table)

@@ -70,11 +70,16 @@ class Codec:
             self.vocoder.check_compatible(self.features)
         self.logmel = LogMel(self.features).to(self.device)
 
+    def speaker_index(self, speaker: str) -> int:
+        """Row of a training speaker in the speaker table (a UserError lists the known ones)."""
+        if speaker not in self.speakers:
+            raise UserError(f"unknown speaker '{speaker}' (known: {', '.join(self.speakers)})")
+        return self.speakers.index(speaker)
+
     def speaker_for(self, path: Path, speaker: str | None) -> str:
         """--speaker, else the training speaker named by the file (prefix or folder), else the first one."""
         if speaker is not None:
-            if speaker not in self.speakers:
-                raise UserError(f"unknown speaker '{speaker}' (known: {', '.join(self.speakers)})")
+            self.speaker_index(speaker)
             return speaker
         prefix = re.split(r"[_\-]", path.stem)[0]
         for guess in (prefix, path.parent.name):
@@ -99,7 +104,7 @@ class Codec:
         if codes.ndim != 1 or codes.size == 0 or codes.min() < 0 or codes.max() >= self.model.recipe.quantizer.codebook_size:
             raise UserError("codes do not fit this model's codebook")
         z_q = self.model.quantizer.lookup(torch.from_numpy(codes)[None].to(self.device))
-        spk = torch.tensor([self.speakers.index(self.speaker_for(Path(), speaker))], device=self.device)
+        spk = torch.tensor([self.speaker_index(speaker)], device=self.device)
         return self.model.decode(z_q, spk)
 
     @torch.no_grad()
@@ -116,8 +121,9 @@ class Codec:
     def decode(self, codes: np.ndarray, speaker: str, samples: int) -> np.ndarray:
         return self.synthesize(self.decode_mel(codes, speaker), samples)
 
-    def reconstruct(self, path: Path, speaker: str | None = None) -> tuple[np.ndarray, dict[str, Any], Encoded]:
-        """Waveform and statistics (codes used, bitrate, the file's mel-MSE in dB^2)."""
+    def reconstruct(self, path: Path, speaker: str | None = None) -> tuple[np.ndarray, dict[str, Any], Encoded, torch.Tensor]:
+        """Waveform, statistics (codes used, bitrate, the file's mel-MSE in dB^2), the codes and the decoded
+        log-mel (1, n_mels, frames)."""
         enc = self.encode(path, speaker)
         mel_hat = self.decode_mel(enc.codes, enc.speaker)
         target = torch.from_numpy(enc.mel[:, 1:-1])
@@ -126,7 +132,7 @@ class Codec:
                  "bitrate_bps": float(np.log2(self.model.recipe.quantizer.codebook_size) * self.features.frame_rate / 2),
                  "mel_mse_db2": mel_mse_db2(sse, self.features.n_mels, target.shape[-1], self.features.top_db),
                  "speaker": enc.speaker}
-        return self.synthesize(mel_hat, enc.samples), stats, enc
+        return self.synthesize(mel_hat, enc.samples), stats, enc, mel_hat
 
     def header(self, enc: Encoded) -> dict[str, Any]:
         return {"model_id": self.model_id, "sample_rate": self.features.sample_rate,

@@ -41,9 +41,9 @@ def run_demo(out: Path, steps: int = 1000, workers: int | None = None, console: 
     print_table({"demo": metrics}, "demo evaluation (test split)")
     test = open_store(features).split("test")[0]
     codec = Codec(run, "griffin-lim")
-    wav, stats, enc = codec.reconstruct(Path(test["source"]))
+    wav, stats, enc, mel_hat = codec.reconstruct(Path(test["source"]))
     write_wav(out / "reconstructed.wav", wav, codec.features.sample_rate)
-    plot_mels(enc.mel, codec.decode_mel(enc.codes, stats["speaker"])[0].cpu().numpy(), out / "reconstructed.png",
+    plot_mels(enc.mel, mel_hat[0].cpu().numpy(), out / "reconstructed.png",
               title=Path(test["source"]).name)
     table = Table("output", "where", title="demo outputs")
     for name, path in [("corpus (16 kHz wavs)", corpus), ("features + manifest", features),

@@ -49,10 +49,14 @@ class SQVAE(nn.Module):
     def encoder_channels(self) -> int:
         return self.dim + self.quantizer.n_var_channels
 
-    def forward(self, batch: dict[str, Tensor], temperature: float = 1.0) -> ModelOutput:
+    def _quantize(self, batch: dict[str, Tensor], temperature: float = 1.0):
+        """Encode, split the encoder channels into latents and variance logits, quantize."""
         h, code_mask, aux = self._encode(batch)
         z, var = h[:, : self.dim], (h[:, self.dim:] if self.quantizer.n_var_channels else None)
-        q = self.quantizer(z, var_logits=var, mask=code_mask, temperature=temperature)
+        return self.quantizer(z, var_logits=var, mask=code_mask, temperature=temperature), code_mask, aux
+
+    def forward(self, batch: dict[str, Tensor], temperature: float = 1.0) -> ModelOutput:
+        q, code_mask, aux = self._quantize(batch, temperature)
         x_hat = self._decode(q.z_q, batch, aux)
         target, mask = self._target(batch, aux)
         rec_losses, rec_stats = self.likelihood(x_hat, target, mask)
@@ -62,9 +66,8 @@ class SQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """Code indices (B, *S) and their validity mask (eval mode: deterministic unless configured)."""
-        h, code_mask, _ = self._encode(batch)
-        z, var = h[:, : self.dim], (h[:, self.dim:] if self.quantizer.n_var_channels else None)
-        return self.quantizer(z, var_logits=var, mask=code_mask).codes, code_mask
+        q, code_mask, _ = self._quantize(batch)
+        return q.codes, code_mask
 
 
 class SpeechSQVAE(SQVAE):
