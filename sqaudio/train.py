@@ -18,6 +18,7 @@ from sqaudio.config import FeatureConfig, Recipe, TemperatureConfig, from_dict, 
 from sqaudio.data import StepBatches, image_batches, speech_batches
 from sqaudio.device import pick_device  # noqa: F401  (re-exported for the commands)
 from sqaudio.errors import UserError
+from sqaudio.plots import plot_annealing
 from sqaudio.sqvae import SQVAE, build_model
 from sqaudio.store import open_store
 
@@ -251,28 +252,3 @@ def _finish(out: Path, last: dict[str, Any], quiet: bool) -> None:
     for key, value in last.items():
         table.add_row(key, f"{value:.5g}" if isinstance(value, float) else str(value))
     console.print(table)
-
-
-def plot_annealing(out: Path) -> Path | None:
-    """PNG of the self-annealing curves (entropy of P_hat, sigma_phi^2, perplexity vs step)."""
-    rows = [json.loads(line) for line in (out / HISTORY).read_text().splitlines()] if (out / HISTORY).exists() else []
-    keys = [k for k in ("entropy", "var_q", "var_q_harmonic", "perplexity", "mel_mse_db2") if rows and k in rows[-1]]
-    if not keys:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
-    for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        if key.startswith("var_q"):
-            ax.set_yscale("log")
-    fig.tight_layout()
-    path = out / "annealing.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
