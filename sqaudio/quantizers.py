@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sqaudio import noise
 from sqaudio.config import QuantizerConfig
 from sqaudio.errors import UserError
 
@@ -70,7 +71,8 @@ def weighted_sq_distance(z: Tensor, codebook: Tensor, weight: Tensor | None = No
 def gumbel_softmax(logits: Tensor, temperature: float | Tensor) -> Tensor:
     """Soft Gumbel-softmax sample softmax((logits + g) / tau) along the last dim (reparameterised, no hard ST)."""
     eps = torch.finfo(logits.dtype).eps
-    noisy = torch.rand_like(logits).clamp_(eps, 1 - eps).log_().neg_().log_().neg_()  # ~ Gumbel(0, 1)
+    uniform = noise.uniform(logits.shape, logits.device, logits.dtype)  # keyed by (seed, step, sample) in training
+    noisy = uniform.clamp_(eps, 1 - eps).log_().neg_().log_().neg_()  # ~ Gumbel(0, 1)
     return torch.softmax(noisy.add_(logits).div_(temperature), dim=-1)  # in place: one (N, K) buffer
 
 

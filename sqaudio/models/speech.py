@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from sqaudio import noise
 from sqaudio.config import SpeechModelConfig
 from sqaudio.distributed import active, sum_all
 
@@ -100,8 +101,8 @@ class Jitter(nn.Module):
         if not self.training or self.p == 0.0:
             return z
         batch, dim, size = z.shape
-        probs = torch.tensor([self.p / 2, 1 - self.p, self.p / 2], device=z.device)
-        shift = torch.multinomial(probs, batch * size, replacement=True).view(batch, size) - 1
+        u = noise.uniform((batch, size), z.device)  # keyed by (seed, step, sample) in training
+        shift = (u >= self.p / 2).long() + (u >= 1 - self.p / 2).long() - 1  # -1, 0, +1 w.p. p/2, 1-p, p/2
         last = (lengths if lengths is not None else torch.full((batch,), size, device=z.device)) - 1
         index = torch.arange(size, device=z.device)[None, :] + shift  # (B, T): neighbour to copy from
         index = torch.minimum(index.clamp(min=0), last[:, None].clamp(min=0))  # stay inside each utterance
