@@ -4,25 +4,35 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test browser clean
 
 setup: $(STAMP)
 
 # torch/torchvision wheels come from local disk (pip cap in /etc/xdg/pip); parallel-wavegan 0.6.1 is an
-# sdist whose setup.py imports pip, so it must be built without build isolation.
+# sdist whose setup.py imports pip, so it must be built without build isolation. pesq 0.0.4 is a C/Cython sdist
+# without a pyproject.toml: Cython and numpy must be in the venv before it is built (no build isolation).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade wheel setuptools
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 	$(PY) -m pip install -q --no-build-isolation parallel-wavegan==0.6.1
+	$(PY) -m pip install -q Cython==3.3.1 numpy==2.4.6
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/sqaudio demo demo_out
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# Headless Chromium for the listening-page test (tests/test_report.py): the Debian packages chromium and
+# chromium-driver, installed here when missing and we are root (as CI is). Without them that test skips,
+# except under CI=true, where it fails.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "note: no /usr/bin/chromium or /usr/bin/chromedriver (as root: apt-get install chromium chromium-driver); the browser test will skip"; fi
 
 clean:
 	rm -rf $(VENV) demo_out
