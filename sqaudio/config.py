@@ -67,6 +67,7 @@ class QuantizerConfig:
     vq_epsilon: float = 1e-5
     vq_beta: float = 0.25
     vq_reset_threshold: float = 0.0  # EMA count below which a code is reset to an encoder output; 0 = off
+    vq_objective: str = "textbook"  # textbook: MSE + beta * mean commitment | mle_sigma: (D/2) log MSE + beta * sum
 
 
 @dataclass
@@ -82,14 +83,14 @@ class SpeechModelConfig:
 
 @dataclass
 class VisionModelConfig:
-    """The reference ResNet encoder/decoder for 28, 32 and 64 px images."""
+    """The reference ResNet encoders/decoders (one per dataset, see `sqaudio.models.vision.NETWORKS`)."""
 
+    network: str = "resnet32"    # resnet28 (MNIST, Fashion) | resnet32 (CIFAR10) | resnet64 (CelebA) | resnet64_label
     image_size: int = 32
     in_channels: int = 3
-    channels: int = 128
+    channels: int = 64           # network width (the reference: the code dimension)
     n_resblocks: int = 2
-    num_classes: int = 0         # vMF segmentation maps: number of classes (0 for RGB/gray images)
-    n_downsample: int = 2        # stride-2 k4 convs (latent side = image_size / 2**n_downsample)
+    num_classes: int = 0         # vMF class maps: classes (one-hot/vMF channels: rounded up to even); 0 for images
     output_activation: str = "auto"  # auto (sigmoid for images, none for class maps) | sigmoid | softplus | none
 
 

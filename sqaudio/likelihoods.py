@@ -2,6 +2,7 @@
 
 Gaussian with MLE sigma (the reference default, Lin et al. 2021): the reconstruction term becomes
 (D/2) log(MSE), D = elements per sample; with a learned sigma it is SSE/(2 sigma^2) + (D/2) log sigma^2.
+The textbook VQ-VAE objective (quantizer.vq_objective = textbook) scores with the plain MSE instead.
 Masks (True = valid) restrict every sum to real (unpadded) elements.
 """
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sqaudio.config import ModelConfig
+from sqaudio.config import ModelConfig, QuantizerConfig
 from sqaudio.distributed import sum_all
+from sqaudio.errors import UserError
 
 
 def _masked_error(x_hat: Tensor, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -35,6 +37,15 @@ class GaussianMLE(nn.Module):
         return {"reconstruction": 0.5 * dims * torch.log(mse)}, {"mse": mse.detach()}
 
 
+class MeanSquared(nn.Module):
+    """The textbook VQ-VAE reconstruction term: the mean squared error over valid elements (van den Oord et al.)."""
+
+    def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None):
+        sse, count, _ = _masked_error(x_hat, x, mask)
+        mse = sse / count
+        return {"reconstruction": mse}, {"mse": mse.detach()}
+
+
 class GaussianLearned(nn.Module):
     """N(x_hat, sigma^2 I) with a learned log sigma^2.
 
@@ -52,8 +63,13 @@ class GaussianLearned(nn.Module):
         return {"reconstruction": loss}, {"mse": (sse / count).detach(), "var_x": self.log_var_x.exp().detach()}
 
 
-def build_likelihood(cfg: ModelConfig) -> nn.Module:
-    """Registry of decoder likelihoods by `cfg.likelihood`."""
+def build_likelihood(cfg: ModelConfig, quantizer: QuantizerConfig | None = None) -> nn.Module:
+    """Registry of decoder likelihoods by `cfg.likelihood`; a textbook VQ-VAE quantizer takes the plain MSE."""
+    if quantizer is not None and quantizer.kind == "vq_ema" and quantizer.vq_objective == "textbook":
+        if cfg.likelihood == "vmf":
+            raise UserError("quantizer.vq_objective=textbook is a mean-squared-error objective; "
+                            "class maps (model.likelihood=vmf) need vq_objective=mle_sigma")
+        return MeanSquared()
     if cfg.likelihood == "gaussian_mle":
         return GaussianMLE()
     if cfg.likelihood == "gaussian_learned":

@@ -345,8 +345,25 @@ class VmfSQ(_StochasticQuantizer):
         return (z_q, codes) + self._finish(logits, distance, codes, valid, kappa)
 
 
+# The VQ-VAE commitment ||z - sg(e)||^2 reduced per objective, from per-position squared errors (B, N):
+# textbook (van den Oord et al.; bshall/ZeroSpeech): the mean over valid elements (positions x dims), next to
+# the plain MSE; mle_sigma: each sample's sum, averaged over the batch, next to (D/2) log MSE.
+def _commit_mean(sq_err: Tensor, valid: Tensor, dim: int) -> Tensor:
+    return sq_err.sum() / (valid.sum().clamp_min(1) * dim)
+
+
+def _commit_sum(sq_err: Tensor, valid: Tensor, dim: int) -> Tensor:
+    return sq_err.sum() / sq_err.shape[0]
+
+
+VQ_COMMITMENT: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {"textbook": _commit_mean, "mle_sigma": _commit_sum}
+
+
 class VQEMA(Quantizer):
     """VQ-VAE quantizer with an EMA codebook (bshall/ZeroSpeech style) and optional dead-code reset.
+
+    The commitment beta * ||z - sg(e)||^2 is a mean over elements (vq_objective textbook) or a per-sample
+    sum (mle_sigma); `sqaudio.likelihoods.build_likelihood` pairs the first with the plain MSE.
 
     Codebook starts uniform in +-1/K. In training mode each forward updates, from valid positions only:
     N_k <- decay N_k + (1 - decay) n_k (then Laplace-smoothed with epsilon), m_k <- decay m_k + (1 - decay)
@@ -355,7 +372,8 @@ class VQEMA(Quantizer):
     all-reduced and reset vectors come from rank 0, so replicas keep one codebook.
 
     Args:
-        cfg: quantizer config (codebook_size, dim, vq_decay, vq_epsilon, vq_beta, vq_reset_threshold).
+        cfg: quantizer config (codebook_size, dim, vq_decay, vq_epsilon, vq_beta, vq_reset_threshold,
+            vq_objective).
     """
 
     def __init__(self, cfg: QuantizerConfig):
@@ -365,7 +383,11 @@ class VQEMA(Quantizer):
         if cfg.vq_epsilon < 0 or cfg.vq_beta < 0 or cfg.vq_reset_threshold < 0:
             raise UserError("quantizer.vq_epsilon, quantizer.vq_beta and quantizer.vq_reset_threshold "
                             "must be >= 0")
+        if cfg.vq_objective not in VQ_COMMITMENT:
+            raise UserError(f"quantizer.vq_objective must be one of {', '.join(VQ_COMMITMENT)}, "
+                            f"got '{cfg.vq_objective}'")
         self.decay, self.epsilon, self.beta = cfg.vq_decay, cfg.vq_epsilon, cfg.vq_beta
+        self._commitment = VQ_COMMITMENT[cfg.vq_objective]
         self.reset_threshold = cfg.vq_reset_threshold
         bound = 1.0 / cfg.codebook_size
         codebook = torch.empty(cfg.codebook_size, cfg.dim).uniform_(-bound, bound)
@@ -380,7 +402,7 @@ class VQEMA(Quantizer):
         codes = weighted_sq_distance(flat.detach(), codebook).argmin(-1)  # (B * N,)
         e = F.embedding(codes, codebook).view(batch, n, dim)
         codes = codes.view(batch, n)
-        commit = torch.where(valid, (z - e).square().sum(-1), 0.0).sum() / batch
+        commit = self._commitment(torch.where(valid, (z - e).square().sum(-1), 0.0), valid, dim)
         if self.training:
             with torch.no_grad():
                 self._ema_update(flat[valid.reshape(-1)], codes[valid])

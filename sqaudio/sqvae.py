@@ -42,7 +42,7 @@ class SQVAE(nn.Module):
         super().__init__()
         self.recipe = recipe
         self.quantizer = build_quantizer(recipe.quantizer)
-        self.likelihood = build_likelihood(recipe.model)
+        self.likelihood = build_likelihood(recipe.model, recipe.quantizer)
         self.dim = recipe.quantizer.dim
 
     @property
@@ -109,7 +109,7 @@ class SpeechSQVAE(SQVAE):
 
 
 class VisionSQVAE(SQVAE):
-    """Image SQ-VAE with the reference ResNet encoder/decoder (28, 32 or 64 px).
+    """Image SQ-VAE with the reference ResNet encoder/decoder of its dataset (model.vision.network).
 
     Args:
         recipe: the full recipe (model.vision sizes, quantizer, likelihood).
@@ -117,18 +117,15 @@ class VisionSQVAE(SQVAE):
 
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
-        from sqaudio.models.vision import VisionDecoder, VisionEncoder
+        from sqaudio.models.vision import VisionDecoder, VisionEncoder, class_channels
 
         cfg = recipe.model.vision
-        out_channels = cfg.num_classes if recipe.model.likelihood == "vmf" else cfg.in_channels
+        out_channels = class_channels(cfg.num_classes) if recipe.model.likelihood == "vmf" else cfg.in_channels
         self.encoder = VisionEncoder(cfg, self.encoder_channels, var_channels=self.quantizer.n_var_channels)
         self.decoder = VisionDecoder(cfg, self.dim, out_channels)
 
     def _encode(self, batch):
-        x = batch["x"]
-        if x.dtype == torch.long:  # class maps: one-hot channels for the encoder
-            x = nn.functional.one_hot(x, self.recipe.model.vision.num_classes).permute(0, 3, 1, 2).float()
-        return self.encoder(x), None, None
+        return self.encoder(batch["x"]), None, None  # class maps are one-hot encoded by the encoder
 
     def _decode(self, z_q, batch, aux):
         return self.decoder(z_q)

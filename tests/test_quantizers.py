@@ -229,7 +229,9 @@ def _padded_pair(q, la=7, lb=4, fill=1e3):
                                                   ("gaussian", 2, "add"), ("vmf", 1, "log_add"),
                                                   ("vq_ema", 1, "log_add")])
 def test_padded_batch_equals_its_parts(kind, variant, combine):
-    q = make(kind, variant, combine).eval()
+    """Per-sample sums averaged over the batch (the VQ commitment under vq_objective=mle_sigma)."""
+    extra = {"vq_objective": "mle_sigma"} if kind == "vq_ema" else {}
+    q = make(kind, variant, combine, **extra).eval()
     (za, va), (zb, vb), (z, v, mask) = _padded_pair(q)
     out = q(z, v, mask)
     parts = [q(za, va), q(zb, vb)]
@@ -280,8 +282,9 @@ def test_padding_content_is_inert_in_training(kind):
 
 
 # ---------------------------------------------------------------- VQ-VAE with EMA
-def test_vq_ema_commitment_and_straight_through():
-    q = make("vq_ema", vq_beta=0.25).eval()
+@pytest.mark.parametrize("objective", ["textbook", "mle_sigma"])
+def test_vq_ema_commitment_and_straight_through(objective):
+    q = make("vq_ema", vq_beta=0.25, vq_objective=objective).eval()
     z, _ = inputs(q, (3, 5), scale=0.01)
     out = q(z)
     x = z.detach().movedim(1, -1).reshape(-1, D)
@@ -289,9 +292,19 @@ def test_vq_ema_commitment_and_straight_through():
     e = q.codebook[nearest].view(3, 5, D).movedim(-1, 1)
     assert out.codes.flatten().tolist() == nearest.tolist()
     torch.testing.assert_close(out.z_q, e)
-    torch.testing.assert_close(out.losses["commitment"], 0.25 * ((z - e) ** 2).sum(dim=(1, 2)).mean())
+    sq = (z - e) ** 2
+    want = sq.mean() if objective == "textbook" else sq.sum(dim=(1, 2)).mean()
+    torch.testing.assert_close(out.losses["commitment"], 0.25 * want)
     (gz,) = torch.autograd.grad(out.z_q.sum(), z)
     torch.testing.assert_close(gz, torch.ones_like(z))
+
+
+def test_vq_ema_textbook_commitment_is_a_mean_over_valid_elements():
+    """Padded batch == its valid positions laid end to end: the textbook mean counts valid elements only."""
+    q = make("vq_ema", vq_objective="textbook").eval()
+    (za, _), (zb, _), (z, _, mask) = _padded_pair(q)
+    cat = q(torch.cat([za, zb], -1))
+    torch.testing.assert_close(q(z, None, mask).losses["commitment"], cat.losses["commitment"])
 
 
 def test_vq_ema_update_moves_codes_to_assigned_means():
@@ -454,6 +467,8 @@ def test_bad_config_and_shapes():
             build_quantizer(dataclasses.replace(QuantizerConfig(), **bad))
     with pytest.raises(UserError, match="vq_decay"):
         build_quantizer(QuantizerConfig(kind="vq_ema", vq_decay=1.0))
+    with pytest.raises(UserError, match="textbook, mle_sigma"):
+        build_quantizer(QuantizerConfig(kind="vq_ema", vq_objective="ml"))
     q = make(variant=4)
     with pytest.raises(ValueError, match="var_logits"):
         q(torch.randn(1, D, 3, dtype=torch.float64), torch.randn(1, 1, 3, dtype=torch.float64))

@@ -11,7 +11,7 @@ import torch
 
 from sqaudio.config import VisionModelConfig, list_recipes, load_recipe
 from sqaudio.errors import UserError
-from sqaudio.models.vision import ResBlock, VisionDecoder, VisionEncoder
+from sqaudio.models.vision import ResBlock, VisionDecoder, VisionEncoder, class_channels
 from sqaudio.vmf import VmfLikelihood, ive, iou_counts, log_normalizer, miou, miou_from_counts
 
 IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10", "celeba", "celebamask_hq")
@@ -21,31 +21,34 @@ def tiny(**kw) -> VisionModelConfig:
     return dataclasses.replace(VisionModelConfig(channels=8, n_resblocks=1), **kw)
 
 
-@pytest.mark.parametrize("size,chans,n_down,res", [(28, 1, 2, 2), (32, 3, 2, 2), (64, 3, 2, 6), (64, 3, 3, 2)])
-def test_shapes_and_sigmoid_range(size, chans, n_down, res):
-    cfg = tiny(image_size=size, in_channels=chans, n_downsample=n_down, n_resblocks=res)
+@pytest.mark.parametrize("network,size,chans,res,side", [("resnet28", 28, 1, 2, 7), ("resnet32", 32, 3, 2, 8),
+                                                         ("resnet64", 64, 3, 6, 16), ("resnet64", 64, 3, 1, 16)])
+def test_shapes_and_sigmoid_range(network, size, chans, res, side):
+    cfg = tiny(network=network, image_size=size, in_channels=chans, n_resblocks=res)
     enc, dec = VisionEncoder(cfg, 12), VisionDecoder(cfg, 12, chans)
     x = torch.rand(3, chans, size, size)
     z = enc(x)
-    side = size // 2 ** n_down
     assert z.shape == (3, 12, side, side)
     y = dec(z)
     assert y.shape == x.shape
     assert y.min() >= 0 and y.max() <= 1
 
 
-def test_class_map_input_is_one_hot_and_output_raw():
-    cfg = tiny(image_size=32, num_classes=5)
-    enc, dec = VisionEncoder(cfg, 8).eval(), VisionDecoder(cfg, 8, 5)
-    labels = torch.randint(0, 5, (2, 32, 32))
-    one_hot = torch.nn.functional.one_hot(labels, 5).permute(0, 3, 1, 2).float()
+@pytest.mark.parametrize("classes,channels", [(19, 20), (5, 6), (4, 4)])
+def test_class_map_input_is_one_hot_on_even_channels_and_output_raw(classes, channels):
+    assert class_channels(classes) == channels
+    cfg = tiny(network="resnet64_label", image_size=64, num_classes=classes)
+    enc, dec = VisionEncoder(cfg, 8).eval(), VisionDecoder(cfg, 8, channels)
+    labels = torch.randint(0, classes, (2, 64, 64))
+    one_hot = torch.nn.functional.one_hot(labels, channels).permute(0, 3, 1, 2).float()
     torch.testing.assert_close(enc(labels), enc(one_hot))
+    assert enc(labels).shape == (2, 8, 8, 8)
     out = dec(enc(labels))
-    assert out.shape == (2, 5, 32, 32) and out.min() < 0  # raw outputs, no sigmoid
+    assert out.shape == (2, channels, 64, 64) and out.min() < 0  # raw outputs, no sigmoid
 
 
 def test_variance_head_is_separate():
-    cfg = tiny(image_size=28, in_channels=1)
+    cfg = tiny(network="resnet28", image_size=28, in_channels=1)
     enc = VisionEncoder(cfg, 16, var_channels=8)
     h = enc(torch.rand(2, 1, 28, 28))
     assert h.shape == (2, 16, 7, 7)
@@ -69,7 +72,11 @@ def test_resblock_with_zero_scale_is_identity():
 
 def test_bad_geometry_is_a_user_error():
     with pytest.raises(UserError, match="divisible"):
-        VisionEncoder(tiny(image_size=30, n_downsample=2), 4)
+        VisionEncoder(tiny(image_size=30), 4)
+    with pytest.raises(UserError, match="resnet28, resnet32, resnet64, resnet64_label"):
+        VisionEncoder(tiny(network="resnet48"), 4)
+    with pytest.raises(UserError, match="n_resblocks >= 1"):
+        VisionDecoder(tiny(n_resblocks=0), 4, 3)
     enc = VisionEncoder(tiny(image_size=32), 4)
     with pytest.raises(UserError, match="image_size is 32"):
         enc(torch.rand(1, 3, 28, 28))
@@ -82,7 +89,7 @@ def test_bad_geometry_is_a_user_error():
 def test_autoencoder_learns():
     """Encoder and decoder are wired end to end: a few Adam steps cut the reconstruction error."""
     torch.manual_seed(0)
-    cfg = tiny(image_size=28, in_channels=1, channels=16)
+    cfg = tiny(network="resnet28", image_size=28, in_channels=1, channels=16)
     net = torch.nn.Sequential(VisionEncoder(cfg, 8), VisionDecoder(cfg, 8, 1))
     grid = torch.stack(torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij"))  # (2, 28, 28)
     centres = torch.rand(8, 2, 1, 1) * 16 + 6
@@ -168,6 +175,29 @@ def test_log_normalizer_matches_direct_formula_in_float32():
         got = log_normalizer(torch.tensor(kappa, dtype=torch.float32), p)
         want = (p / 2 - 1) * np.log(kappa) - np.log(scipy.special.iv(p / 2 - 1, kappa))
         assert got.dtype == torch.float32 and got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_celebamask_vmf_lives_on_the_sphere_of_20_channels():
+    """19 classes -> 20 one-hot/vMF channels (reference): the model's loss uses log C_20, not log C_19."""
+    from sqaudio.sqvae import build_model
+
+    torch.manual_seed(0)
+    r = load_recipe("celebamask_hq/sqvae_vmf", ["model.vision.channels=16", "quantizer.dim=16"])
+    model = build_model(r).eval()
+    assert model.encoder.in_channels == 20
+    labels = torch.randint(0, 19, (2, 64, 64))
+    with torch.no_grad():
+        out = model({"x": labels})
+    assert out.x_hat.shape == (2, 20, 64, 64)
+    logits = out.x_hat.double().numpy()
+    want = vmf_nll_reference(logits[:, :, ::8, ::8], labels.numpy()[:, ::8, ::8], r.model.kappa_inv_init)
+    lik = model.likelihood
+    got = lik(out.x_hat[:, :, ::8, ::8], labels[:, ::8, ::8])[0]["reconstruction"].item()
+    assert got == pytest.approx(want, rel=1e-5)
+    kappa = lik.kappa.double()
+    on_19 = lik(out.x_hat[:, :19, ::8, ::8], labels[:, ::8, ::8])[0]["reconstruction"].item()
+    shift = 64 * (log_normalizer(kappa, 20) - log_normalizer(kappa, 19)).item() / 2  # 8x8 pixels per sample
+    assert abs(got - on_19) > 1.0 and shift != 0
 
 
 # --- mIoU ----------------------------------------------------------------------------------------------------------
