@@ -5,7 +5,10 @@ Layouts (see docs/data.md):
                   or VCTK 0.92 `wav48_silence_trimmed/<spk>/<spk>_<n>_mic{1,2}.flac`
   zerospeech2019  `<lang>/train/{unit,voice,parallel/source,parallel/voice}/*.wav` (train), `<lang>/test/*.wav` (test);
                   speaker = file-name prefix before the first `_`
-  folder          `<root>/<speaker>/**/*.{wav,flac,ogg}`
+  folder          `<root>/<speaker>/**/*.<audio>`
+
+Audio is what `sqaudio.formats` accepts (one rule for every command); unsupported audio formats are skipped
+with a reason, other files (text, hidden) are counted in `Listing.ignored`.
   split files     the reference's JSON `[[in_path, offset_s, duration_s, out_path], ...]` (or the same rows as CSV)
                   and evaluation lists `[[path_without_ext, speaker], ...]`
 
@@ -18,14 +21,13 @@ import csv
 import hashlib
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from sqaudio.errors import UserError
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+from sqaudio.formats import ACCEPTED, AUDIO_SUFFIXES, ignored_note, scan, unsupported_reason
 SPLITS = ("train", "test")
 VCTK_092, VCTK_080 = "wav48_silence_trimmed", "wav48"
 ZEROSPEECH_TRAIN = ("unit", "voice", "parallel/source", "parallel/voice")
@@ -62,21 +64,39 @@ class Listing:
         root: the folder the layout was found in.
         utterances: the utterances, sorted by (speaker, id).
         skipped: files left out before any audio is read: {"source", "reason"}.
+        ignored: files that are not audio, counted by suffix (or "hidden").
     """
 
     layout: str
     root: Path
     utterances: list[Utterance]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    ignored: Counter = field(default_factory=Counter)
+
+    def note(self) -> str:
+        """One line about ignored files, '' when none."""
+        return ignored_note(self.ignored)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+class _Scanner:
+    """Lists audio files the `sqaudio.formats` way and remembers what it left out (skipped, ignored)."""
+
+    def __init__(self):
+        self.skipped: list[dict[str, str]] = []
+        self.ignored: Counter = Counter()
+
+    def audio(self, folder: Path, recursive: bool = False) -> list[Path]:
+        audio, unsupported, ignored = scan(folder, recursive)
+        self.skipped += [{"source": str(p), "reason": unsupported_reason(p)} for p in unsupported]
+        self.ignored.update(ignored)
+        return audio
+
+
 def _audio_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """Audio files (by suffix, any case) below `folder`, sorted; hidden files (e.g. macOS `._x.wav`) are ignored."""
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.suffix.lower() in AUDIO_SUFFIXES and not p.name.startswith(".")
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts) and p.is_file())
+    """Audio files below `folder`, sorted (what is left out is not recorded)."""
+    return scan(folder, recursive)[0]
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -109,7 +129,8 @@ def held_out_split(pairs: Iterable[tuple[str, str]], test_fraction: float, seed:
     return splits
 
 
-def _finish(layout: str, root: Path, utts: list[Utterance], skipped: list[dict[str, str]]) -> Listing:
+def _finish(layout: str, root: Path, utts: list[Utterance], skipped: list[dict[str, str]],
+            scanner: _Scanner | None = None) -> Listing:
     """Sort, drop duplicate ids (first path wins; the same file listed twice is merged silently), check non-empty."""
     chosen: dict[str, Utterance] = {}
     for utt in sorted(utts, key=lambda u: (u.speaker, u.id, str(u.path))):
@@ -119,11 +140,15 @@ def _finish(layout: str, root: Path, utts: list[Utterance], skipped: list[dict[s
         elif (first.path, first.offset, first.duration) != (utt.path, utt.offset, utt.duration):
             skipped.append({"source": str(utt.path),
                             "reason": f"duplicate utterance id '{utt.id}' (kept {first.path})"})
+    if scanner is not None:
+        skipped += scanner.skipped
+    ignored = scanner.ignored if scanner is not None else Counter()
     if not chosen:
         first_skip = f"{skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
         why = f"; {len(skipped)} file(s) skipped, e.g. {first_skip}" if skipped else ""
-        raise UserError(f"no usable audio found in {root} (layout: {layout}){why}")
-    return Listing(layout, root, sorted(chosen.values(), key=lambda u: (u.speaker, u.id)), skipped)
+        note = f"; {ignored_note(ignored)}" if ignored else ""
+        raise UserError(f"no usable audio found in {root} (layout: {layout}){why}{note}")
+    return Listing(layout, root, sorted(chosen.values(), key=lambda u: (u.speaker, u.id)), skipped, ignored)
 
 
 # ----------------------------------------------------------------------------------------------- layouts
@@ -132,23 +157,24 @@ def list_vctk(root: Path, mic: int = 1, test_fraction: float = 0.05, seed: int =
     """VCTK 0.92 (`wav48_silence_trimmed`, one mic chosen) or 0.80 (`wav48`) under `root`."""
     if mic not in (1, 2):
         raise UserError(f"--mic must be 1 or 2, got {mic}")
+    scanner = _Scanner()
     if (root / VCTK_092).is_dir():
-        layout, found, skipped = f"VCTK 0.92 ({VCTK_092}/, mic{mic})", *_vctk_092(root / VCTK_092, mic)
+        layout, found, skipped = f"VCTK 0.92 ({VCTK_092}/, mic{mic})", *_vctk_092(root / VCTK_092, mic, scanner)
     elif (root / VCTK_080).is_dir():
         layout, skipped = f"VCTK 0.80 ({VCTK_080}/)", []
-        found = [(d.name, p.stem, p) for d in _subdirs(root / VCTK_080) for p in _audio_files(d)]
+        found = [(d.name, p.stem, p) for d in _subdirs(root / VCTK_080) for p in scanner.audio(d)]
     else:
         raise UserError(f"{root} is not a VCTK corpus: expected {VCTK_092}/ (0.92) or {VCTK_080}/ (0.80)")
     splits = held_out_split(((spk, utt) for spk, utt, _ in found), test_fraction, seed)
     utts = [Utterance(utt, spk, path, splits[utt]) for spk, utt, path in found]
-    return _finish(layout, root, utts, skipped)
+    return _finish(layout, root, utts, skipped, scanner)
 
 
-def _vctk_092(audio_root: Path, mic: int) -> tuple[list[tuple[str, str, Path]], list[dict[str, str]]]:
+def _vctk_092(audio_root: Path, mic: int, scanner: _Scanner) -> tuple[list[tuple[str, str, Path]], list[dict[str, str]]]:
     found, skipped = [], []
     for spk_dir in _subdirs(audio_root):
         by_utt: dict[str, dict[int, Path]] = defaultdict(dict)
-        for path in _audio_files(spk_dir):
+        for path in scanner.audio(spk_dir):
             match = MIC_NAME.match(path.stem)
             if match is None:
                 skipped.append({"source": str(path),
@@ -170,11 +196,11 @@ def list_zerospeech(root: Path) -> Listing:
     langs = [root] if _is_zerospeech_lang(root) else [d for d in _subdirs(root) if _is_zerospeech_lang(d)]
     if not langs:
         raise UserError(f"{root} is not a ZeroSpeech 2019 corpus: expected english/train/unit/ ... and english/test/")
-    utts, skipped = [], []
+    utts, skipped, scanner = [], [], _Scanner()
     for lang in langs:
         sources = [("train", lang / "train" / sub) for sub in ZEROSPEECH_TRAIN] + [("test", lang / "test")]
         for split, folder in sources:
-            for path in _audio_files(folder) if folder.is_dir() else []:
+            for path in scanner.audio(folder) if folder.is_dir() else []:
                 speaker, sep, _ = path.stem.partition("_")
                 if not sep or not speaker:
                     skipped.append({"source": str(path),
@@ -182,7 +208,7 @@ def list_zerospeech(root: Path) -> Listing:
                     continue
                 utts.append(Utterance(path.stem, speaker, path, split))
     names = ", ".join(d.name for d in langs)
-    return _finish(f"ZeroSpeech 2019 ({names})", root, utts, skipped)
+    return _finish(f"ZeroSpeech 2019 ({names})", root, utts, skipped, scanner)
 
 
 def _is_zerospeech_lang(folder: Path) -> bool:
@@ -191,17 +217,18 @@ def _is_zerospeech_lang(folder: Path) -> bool:
 
 
 def list_folder(root: Path, test_fraction: float = 0.05, seed: int = 0) -> Listing:
-    """`<root>/<speaker>/**/*.{wav,flac,ogg}`; id = `<speaker>_<path below the speaker folder>` ('/' -> '__')."""
+    """`<root>/<speaker>/**/*.<audio>`; id = `<speaker>_<path below the speaker folder>` ('/' -> '__')."""
+    scanner = _Scanner()
     skipped = [{"source": str(p), "reason": "audio directly in the corpus root (put it in a <speaker>/ folder)"}
-               for p in _audio_files(root)]
+               for p in scanner.audio(root)]
     found = []
     for spk_dir in _subdirs(root):
-        for path in _audio_files(spk_dir, recursive=True):
+        for path in scanner.audio(spk_dir, recursive=True):
             utt = "__".join(path.relative_to(spk_dir).with_suffix("").parts)
             found.append((spk_dir.name, utt if utt.startswith(spk_dir.name) else f"{spk_dir.name}_{utt}", path))
     splits = held_out_split(((spk, utt) for spk, utt, _ in found), test_fraction, seed)
-    return _finish("folder (<speaker>/**/*.wav|flac|ogg)", root, [Utterance(u, s, p, splits[u]) for s, u, p in found],
-                   skipped)
+    return _finish("folder (<speaker>/**/<audio file>)", root,
+                   [Utterance(u, s, p, splits[u]) for s, u, p in found], skipped, scanner)
 
 
 # ----------------------------------------------------------------------------------------------- split files
@@ -259,7 +286,7 @@ def _split_entry(row: list, path: Path, corpus_root: Path, where: str) -> Uttera
         raise UserError(f"{where}: expected [in_path, offset_s, duration_s, '<...>/<speaker>/<id>'], got {row!r}")
     audio = _find_audio(corpus_root, in_path)
     if audio is None:
-        return {"source": str(corpus_root / in_path), "reason": "missing audio file (.wav/.flac/.ogg)"}
+        return {"source": str(corpus_root / in_path), "reason": f"missing audio file ({ACCEPTED})"}
     parts = Path(out_path).parts
     split = "test" if "test" in parts else "train" if "train" in parts else (
         "test" if "test" in path.stem.lower() else "train")
@@ -274,7 +301,7 @@ def _eval_entry(row: list, corpus_root: Path, where: str) -> Utterance | dict[st
         raise UserError(f"{where}: expected [path_without_ext, speaker], got {row!r}")
     audio = _find_audio(corpus_root, rel)
     if audio is None:
-        return {"source": str(corpus_root / rel), "reason": "missing audio file (.wav/.flac/.ogg)"}
+        return {"source": str(corpus_root / rel), "reason": f"missing audio file ({ACCEPTED})"}
     return Utterance(Path(rel).name, speaker, audio, "test")
 
 
@@ -301,7 +328,7 @@ def detect_layout(root: Path) -> tuple[str, Path]:
     if any(_audio_files(d, recursive=True) for d in _subdirs(root)):
         return "folder", root
     raise UserError(f"cannot recognise the corpus layout of {root}: expected VCTK ({VCTK_092}/ or {VCTK_080}/), "
-                    "ZeroSpeech 2019 (english/train/, english/test/) or <speaker>/ folders of .wav/.flac/.ogg")
+                    f"ZeroSpeech 2019 (english/train/, english/test/) or <speaker>/ folders of {ACCEPTED}")
 
 
 def _known_layout(folder: Path) -> str | None:

@@ -63,21 +63,46 @@ def select_entries(entries: list[dict], eval_list: list[tuple[str, str]]) -> lis
     return chosen
 
 
-@torch.no_grad()
-def evaluate_speech(model, state: dict, data: str | Path, split: str = "test", eval_list: str | None = None,
-                    device: torch.device | str = "cpu", batch_size: int = 16, quiet: bool = False) -> dict[str, Any]:
-    store = open_store(data)
-    features = model.recipe.features
+def _open_features(data: Path):
+    """The feature store at `data`; a corpus given instead gets a hint that names a separate output folder."""
+    from sqaudio.store import MANIFEST
+
+    if data.is_dir() and not (data / MANIFEST).is_file():
+        from sqaudio.corpora import detect_layout
+
+        try:
+            layout, _ = detect_layout(data)
+        except UserError:
+            layout = None
+        if layout:
+            raise UserError(f"--data {data} is a {layout} corpus, not prepared features: run `sqaudio prepare {data} "
+                            f"FEATURES_DIR` (a new folder outside the corpus), then pass --data FEATURES_DIR")
+    return open_store(data)
+
+
+def speech_entries(store, features, speakers: list[str], split: str = "test",
+                   eval_list: str | None = None) -> tuple[list[dict], list[str]]:
+    """The utterances a model is evaluated on (split or list, known speakers, >= 8 frames) and the unknown
+    speakers left out; a UserError when the model's features differ from the store's or nothing is left."""
     diff = feature_mismatch(features, store.features)
     if diff:
-        raise UserError(f"model features do not match the prepared data in {data}: {'; '.join(diff)}")
+        raise UserError(f"model features do not match the prepared data in {store.root}: {'; '.join(diff)}")
     entries = select_entries(store.entries, read_eval_list(eval_list)) if eval_list else store.split(split)
-    speakers = state["speakers"]
     known = set(speakers)
     unknown = sorted({e["speaker"] for e in entries} - known)
     entries = [e for e in entries if e["speaker"] in known and e["frames"] >= 8]
     if not entries:
-        raise UserError(f"no utterances to evaluate in split '{split}' of {data} with a speaker the model knows")
+        raise UserError(f"no utterances to evaluate in split '{split}' of {store.root} with a speaker the model knows")
+    return entries, unknown
+
+
+@torch.no_grad()
+def evaluate_speech(model, state: dict, data: str | Path, split: str = "test", eval_list: str | None = None,
+                    device: torch.device | str = "cpu", batch_size: int = 16, quiet: bool = False) -> dict[str, Any]:
+    store = _open_features(Path(data))
+    features = model.recipe.features
+    speakers = state["speakers"]
+    entries, unknown = speech_entries(store, features, speakers, split, eval_list)
     usage = CodeUsage(model.recipe.quantizer.codebook_size)
     sse, frames = 0.0, 0
     with Progress(console=console, disable=quiet) as progress:
@@ -138,18 +163,10 @@ def evaluate_images(model, data: str | Path, device="cpu", batch_size: int = 100
         result = {"mse": totals["sq_err"] / totals["pixels"]}
         result["mse_x1e3"] = result["mse"] * 1e3
     if grid and first is not None:
-        save_grid(*first, grid)
+        from sqaudio.plots import save_grid
+
+        save_grid(*first, grid, title=f"{recipe.name}: first {len(first[0])} test images")
     return {**result, **usage.summary(), "images": n}
-
-
-def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | Path) -> None:
-    """PNG with originals above reconstructions."""
-    import torchvision.utils as vutils
-
-    if originals.dtype == torch.long:  # class maps -> gray levels
-        k = max(int(originals.max()), 1)
-        originals, recons = originals[:, None].float() / k, recons.argmax(1)[:, None].float() / k
-    vutils.save_image(torch.cat([originals.float(), recons.float().clamp(0, 1)]), str(path), nrow=len(originals))
 
 
 def evaluate(model_path: str | Path, data: str | Path | None, split: str = "test", eval_list: str | None = None,
@@ -165,8 +182,42 @@ def evaluate(model_path: str | Path, data: str | Path | None, split: str = "test
         result = evaluate_images(model, data, dev, grid=grid, quiet=quiet)
     result.update({"checkpoint": str(checkpoint.latest(Path(model_path))), "step": state["step"],
                    "recipe": model.recipe.name, "quantizer": model.recipe.quantizer.kind,
-                   "variant": model.recipe.quantizer.variant})
+                   "variant": model.recipe.quantizer.variant, "split": split,
+                   "list": str(Path(eval_list).absolute()) if eval_list else None})
     return result
+
+
+def result_path(run_dir: Path, split: str, eval_list: str | Path | None = None) -> Path:
+    """Where a run keeps the result of what was evaluated: eval-<split>.json or eval-list-<list stem>.json."""
+    return Path(run_dir) / (f"eval-list-{Path(eval_list).stem}.json" if eval_list else f"eval-{split}.json")
+
+
+def save_result(run_dir: Path, result: dict[str, Any]) -> Path:
+    """Keep `result` in the run dir under its `result_path` (replacing an older result of the same evaluation;
+    a result of another list with the same file name is a UserError)."""
+    path = result_path(run_dir, result.get("split", "test"), result.get("list"))
+    if result.get("list") and path.is_file():
+        old = json.loads(path.read_text()).get("list")
+        if old and old != result["list"]:
+            raise UserError(f"{path} holds the result of another list ({old}); rename {Path(result['list']).name}")
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
+def run_names(paths: list[Path]) -> list[str]:
+    """Shortest distinct path suffix of each run (runs/a/x, runs/b/x -> a/x, b/x); the same run twice is an error."""
+    parts = [Path(p).absolute().parts for p in paths]
+    if len(set(parts)) < len(parts):
+        twice = next(p for p in paths if parts.count(Path(p).absolute().parts) > 1)
+        raise UserError(f"run {twice} is given twice")
+    names = []
+    for i, mine in enumerate(parts):
+        others = parts[:i] + parts[i + 1:]
+        k = 1
+        while k < len(mine) and any(other[-k:] == mine[-k:] for other in others):
+            k += 1
+        names.append("/".join(mine[-k:]))
+    return names
 
 
 def print_table(rows: dict[str, dict[str, Any]], title: str) -> Table:
@@ -188,22 +239,3 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def compare_plot(rows: dict[str, dict[str, Any]], path: str | Path) -> None:
-    """Bar charts of the main metrics, one bar per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in ("mel_mse_db2", "mse_x1e3", "miou", "perplexity", "used_codes")
-            if any(k in r for r in rows.values())]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.bar(list(rows), [rows[n].get(key, 0) for n in rows])
-        ax.set_title(key)
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -292,6 +292,8 @@ def prepare(corpus_dir: str | Path, out_dir: str | Path, corpus: str = "auto", m
         n_spk = len({u.speaker for u in listing.utterances})
         console.print(f"corpus: {listing.layout} in {listing.root}: {len(listing.utterances)} utterances, "
                       f"{n_spk} speakers", highlight=False)
+        if listing.note():  # files that are not audio, counted
+            console.print(listing.note(), highlight=False)
     _write_text(out_dir / FEATURE_CONFIG, feature_config_json(cfg))
 
     start = time.perf_counter()

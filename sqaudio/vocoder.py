@@ -261,7 +261,15 @@ class Vocoder:
 
     def synthesize(self, logmel: torch.Tensor) -> torch.Tensor:
         """logmel (B, n_mels, frames) in `self.features` -> waveform (B, frames * hop) at its sample rate."""
+        return self.finish(self.generate(logmel))
+
+    def generate(self, logmel: torch.Tensor) -> torch.Tensor:
+        """The waveform before `finish`: what runs window by window on long inputs (B, frames * hop)."""
         raise NotImplementedError
+
+    def finish(self, wav: torch.Tensor) -> torch.Tensor:
+        """Whole-signal post-processing after stitching windows (none by default)."""
+        return wav
 
     def _check_input(self, logmel: torch.Tensor) -> torch.Tensor:
         if logmel.dim() != 3 or logmel.size(1) != self.features.n_mels:
@@ -296,7 +304,7 @@ class GriffinLimVocoder(Vocoder):
         return (torch.linalg.pinv(fb) @ mel).clamp(min=0)
 
     @torch.no_grad()
-    def synthesize(self, logmel: torch.Tensor) -> torch.Tensor:
+    def generate(self, logmel: torch.Tensor) -> torch.Tensor:
         cfg = self.features
         logmel = self._check_input(logmel)
         mel = 10.0 ** ((logmel - 1.0) * cfg.top_db / 20.0)  # (B, mels, frames) amplitude
@@ -311,7 +319,11 @@ class GriffinLimVocoder(Vocoder):
             a = torch.tensor([1.0, -cfg.preemphasis], device=self.device)
             b = torch.tensor([1.0, 0.0], device=self.device)
             wav = AF.lfilter(wav, a, b, clamp=False)
-        return wav / wav.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) * cfg.peak
+        return wav
+
+    def finish(self, wav: torch.Tensor) -> torch.Tensor:
+        """Peak-normalise to the features' peak level (over the whole signal)."""
+        return wav / wav.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) * self.features.peak
 
 
 class NeuralVocoder(Vocoder):
@@ -335,7 +347,7 @@ class NeuralVocoder(Vocoder):
         return self._native
 
     @torch.no_grad()
-    def synthesize(self, logmel: torch.Tensor) -> torch.Tensor:
+    def generate(self, logmel: torch.Tensor) -> torch.Tensor:
         x = convert_logmel(self._check_input(logmel), MelConvention.of(self.features), self._native)
         return self.generator(x)  # (B, frames * hop)
 
@@ -369,8 +381,27 @@ def _load_own(path: Path, device: torch.device) -> NeuralVocoder:
     generator = build_generator(cfg, features)
     generator.load_state_dict(state["generator"])
     generator.remove_weight_norm()
-    info = {"checkpoint": str(path), "step": state["step"], "recipe": cfg.name, "generator": cfg.generator_type}
+    info = {"checkpoint": str(path), "step": state["step"], "recipe": cfg.name, "generator": cfg.generator_type,
+            "checkpoint size": _size(path.stat().st_size),
+            "contents": "generator only (exported)" if "discriminator" not in state else
+                        "generator, discriminator, optimizer states (`sqaudio vocoder export` makes it smaller)"}
     return NeuralVocoder(generator, MelConvention.of(features), features, device, str(path), info)
+
+
+def export_generator(src: str | Path, out: Path) -> Path:
+    """Write a generator-only copy of one of our vocoder checkpoints (no discriminator or optimizer states) that
+    `load_vocoder` takes like the original. `src`: a vocoder dir (newest checkpoint) or checkpoint file."""
+    path = checkpoint.latest(Path(src))
+    state = checkpoint.load(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a vocoder checkpoint of `sqaudio vocoder train` (nothing to export)")
+    slim = {key: state[key] for key in ("format", "version", "step", "config", "features", "generator") if key in state}
+    checkpoint.save({**slim, "exported_from": str(path)}, out)
+    return path
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def build_generator(cfg: VocoderConfig, features: FeatureConfig) -> torch.nn.Module:

@@ -153,7 +153,7 @@ def test_reference_split_file_and_eval_list(tmp_path):
     assert b.path == tmp_path / "english/train/unit/S015_0361841102.wav"
     assert utts["S002_0379088085"].split == "test" and utts["S002_0379088085"].duration is None
     assert (utts["V001_0000000047"].speaker, utts["V001_0000000047"].split) == ("V001", "test")
-    assert [s["reason"] for s in listing.skipped] == ["missing audio file (.wav/.flac/.ogg)"]
+    assert [s["reason"].split(" (")[0] for s in listing.skipped] == ["missing audio file"]
 
 
 def test_split_file_csv_and_malformed_entries(tmp_path):

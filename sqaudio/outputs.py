@@ -1,0 +1,91 @@
+"""The one rule for where per-input outputs go (`reconstruct`, `encode`, `decode`, and their plots).
+
+- Inputs are files or folders; folders are searched recursively for accepted files, and the other files met
+  there are counted (`Inputs.ignored`) so the command can say so.
+- Every input keeps its path relative to the deepest folder holding all inputs (a folder argument counts as
+  itself, a file argument as its parent): `in/a/x.flac` and `in/b/x.flac` become `OUT/a/x.wav` and
+  `OUT/b/x.wav`.
+- `-o NAME.wav` (the command's own file type) names the output of a single input; with several inputs it is
+  refused, as is a file name of another known type.
+- Outputs that would collide, or that exist already without `--overwrite`, are refused in one line before
+  anything is written.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sqaudio.errors import UserError
+from sqaudio.formats import AUDIO_SUFFIXES, ignored_note, is_audio, is_hidden
+
+FILE_TYPES = set(AUDIO_SUFFIXES) | {".png", ".pdf", ".svg", ".npy", ".json", ".txt", ".pt"}
+
+
+@dataclass
+class Inputs:
+    """Input files in order, their paths relative to the common base, and what was left out of folders."""
+
+    files: list[Path]
+    relative: list[Path]
+    ignored: Counter
+
+    def note(self) -> str:
+        return ignored_note(self.ignored)
+
+
+def find_inputs(paths: list[Path], accept: Callable[[Path], bool] = is_audio,
+                companions: tuple[str, ...] = ()) -> Inputs:
+    """Files, and the accepted files inside folders (recursive, sorted); `companions` suffixes are not counted."""
+    files, ignored = [], Counter()
+    for path in paths:
+        if path.is_dir():
+            for p in sorted(path.rglob("*")):
+                if not p.is_file() or p.suffix.lower() in companions:
+                    continue
+                if accept(p) and not is_hidden(p, path):
+                    files.append(p)
+                else:
+                    ignored["hidden" if is_hidden(p, path) else p.suffix.lower() or "no suffix"] += 1
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"input not found: {path}")
+    files = list(dict.fromkeys(files))  # the same file named twice is one input
+    if not files:
+        note = f"; {ignored_note(ignored)}" if ignored else ""
+        raise UserError(f"no input files in {', '.join(map(str, paths))}{note}")
+    roots = [str(p.absolute() if p.is_dir() else p.absolute().parent) for p in paths]
+    base = Path(os.path.commonpath(roots))
+    return Inputs(files, [f.absolute().relative_to(base) for f in files], ignored)
+
+
+def targets(inputs: Inputs, output: Path, suffix: str, flag: str = "-o", file_ok: bool = True) -> list[Path]:
+    """Output path of every input: `output` itself (a `suffix` file, one input) or `output`/<relative>.<suffix>."""
+    kind = output.suffix.lower()
+    if kind == suffix and file_ok and not output.is_dir():
+        if len(inputs.files) > 1:
+            raise UserError(f"{flag} {output} names one {suffix} file, but {len(inputs.files)} inputs were given: "
+                            "give a folder")
+        return [output]
+    if kind in FILE_TYPES and not output.is_dir():
+        wanted = f"a {suffix} file (one input) or a folder" if file_ok else "a folder"
+        raise UserError(f"{flag} {output} looks like a {kind} file; expected {wanted}")
+    out = [output / rel.with_suffix(suffix) for rel in inputs.relative]
+    seen: dict[Path, Path] = {}
+    for target, source in zip(out, inputs.files):
+        if target in seen:
+            raise UserError(f"{seen[target]} and {source} would both be written to {target}; "
+                            "rename one or run them separately")
+        seen[target] = source
+    return out
+
+
+def check_free(paths: list[Path], overwrite: bool) -> None:
+    """Refuse (one line) when any output exists already, unless `overwrite`."""
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]} exists{more}: pass --overwrite to replace, or choose another output")
