@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -92,3 +95,61 @@ def mean_metrics(rows: list[dict[str, float | None]]) -> dict[str, float | int |
         if len(values) < len(rows):
             out[f"{key}_undefined"] = len(rows) - len(values)
     return out
+
+
+@dataclass
+class Resynthesis:
+    """One test utterance through a codec: original and resynthesized audio, features and codes."""
+
+    wav: np.ndarray       # (samples,) original at the feature sample rate
+    wav_hat: np.ndarray   # (samples,) codes -> decoder -> vocoder
+    mel: np.ndarray       # (n_mels, frames) the store's input features, frame count trimmed to even
+    mel_hat: np.ndarray   # (n_mels, frames - 2) decoder output (it predicts mel[:, 1:-1])
+    codes: np.ndarray     # (frames / 2,) int64 code indices
+
+
+@torch.no_grad()
+def resynthesize(codec, store, entry: dict[str, Any]) -> Resynthesis:
+    """Encode an utterance's prepared features, decode them with its speaker, vocode to its source's length."""
+    from sqaudio.features import load_audio
+
+    source = Path(entry["source"])
+    if not source.is_file():
+        raise UserError(f"source audio of '{entry['id']}' not found: {source} (audio metrics read the corpus the "
+                        f"features were prepared from)")
+    wav = load_audio(source, codec.features, entry.get("offset", 0.0), entry.get("duration"))
+    if len(wav) // codec.features.hop_length + 1 != entry["frames"]:
+        raise UserError(f"{source} no longer matches its prepared features in {store.root} (run prepare again)")
+    mel = store.load(entry)
+    mel = mel[:, : mel.shape[1] - mel.shape[1] % 2]
+    codes, _ = codec.model.encode({"mel": torch.from_numpy(mel)[None].to(codec.device)})
+    codes = codes[0].cpu().numpy().astype(np.int64)
+    mel_hat = codec.decode_mel(codes, entry["speaker"])
+    return Resynthesis(wav, codec.synthesize(mel_hat, len(wav)), mel, mel_hat[0].float().cpu().numpy(), codes)
+
+
+def evaluate_audio(model: str | Path, data: str | Path, split: str = "test", eval_list: str | None = None,
+                   vocoder: str = "griffin-lim", device: str | None = None, quiet: bool = False,
+                   on_utterance: Callable[[dict, Resynthesis, dict], None] | None = None) -> dict[str, Any]:
+    """Resynthesize every evaluated utterance of a speech run and average the audio metrics (METRIC_KEYS) against
+    the original waveforms. `on_utterance(entry, resynthesis, metrics)` sees each one (the report uses it)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from sqaudio.codec import Codec
+    from sqaudio.evaluate import speech_entries
+    from sqaudio.store import open_store
+
+    codec = Codec(model, vocoder, device)
+    store = open_store(data)
+    entries, _ = speech_entries(store, codec.features, codec.speakers, split, eval_list)
+    rows = []
+    with Progress(console=Console(stderr=True), disable=quiet) as progress:
+        task = progress.add_task(f"audio metrics ({vocoder})", total=len(entries))
+        for entry in entries:
+            res = resynthesize(codec, store, entry)
+            rows.append(audio_metrics(res.wav, res.wav_hat, codec.features))
+            if on_utterance is not None:
+                on_utterance(entry, res, rows[-1])
+            progress.advance(task)
+    return {**mean_metrics(rows), "audio_utterances": len(rows), "vocoder": str(vocoder)}

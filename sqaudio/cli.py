@@ -91,6 +91,11 @@ def evaluate(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Images: PNG with originals above reconstructions."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    audio: bool = typer.Option(False, "--audio", help="Speech: also resynthesize every utterance (codes -> decoder -> "
+                               "--vocoder) and score it against the original audio: pesq_wb, stoi, estoi, si_sdr_db, "
+                               "mel_distance_db2 (see docs/report.md)."),
+    vocoder: str = typer.Option("griffin-lim", "--vocoder", help="With --audio: griffin-lim, a `sqaudio vocoder train` "
+                                "dir, or a pretrained parallel-wavegan dir."),
 ) -> None:
     """Mel-MSE in dB^2 (paper Table 3) or image MSE, with perplexity, used codes and bitrate."""
     import json
@@ -98,6 +103,10 @@ def evaluate(
     from sqaudio.evaluate import evaluate as run_evaluation, print_table
 
     result = run_evaluation(model, data, split, str(eval_list) if eval_list else None, device, str(grid) if grid else None)
+    if audio:
+        from sqaudio.audio_metrics import evaluate_audio
+
+        result.update(evaluate_audio(model, data, split, str(eval_list) if eval_list else None, vocoder, device))
     print_table({model.name: result}, f"evaluation ({split})")
     run_dir = model if model.is_dir() else model.parent
     (run_dir / f"eval-{split}.json").write_text(json.dumps(result, indent=2))
