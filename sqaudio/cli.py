@@ -291,6 +291,25 @@ def demo(
     run_demo(out, steps, workers, console)
 
 
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories to compare (speech runs, or image runs)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared features dir (speech) or image dataset root."),
+    out: Path = typer.Option(..., "--out", help="Report folder: index.html, metrics.json, audio/, img/."),
+    vocoder: str = typer.Option("griffin-lim", "--vocoder", help="griffin-lim, a `sqaudio vocoder train` dir, or a "
+                                "pretrained parallel-wavegan dir."),
+    utterances: int = typer.Option(4, "--utterances", min=1, help="Test utterances to listen to (spread over speakers)."),
+    split: str = typer.Option("test", "--split", help="Manifest split to evaluate and listen to (speech)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """A static listening page (no server, works offline): metrics table, players, mels, codes, curves, settings."""
+    from sqaudio.report import build_report
+
+    index = build_report(runs, data, out, vocoder, utterances, split, device, quiet)
+    console.print(f"wrote the report: {index} (open it in a browser)")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -161,3 +161,25 @@ def save_grid(originals, recons, path: str | Path, title: str = "") -> Path:
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_code_usage(counts: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """Codebook usage: share of latent positions per code, codes sorted from most to least used, against the
+    uniform share 1/K (a flat curve up to K means every code is used evenly)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    share = np.sort(counts)[::-1] / max(counts.sum(), 1.0)
+    used = int((counts > 0).sum())
+    p = share[share > 0]
+    perplexity = float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    ax.bar(np.arange(1, len(share) + 1), share, width=1.0, color="C0")
+    ax.axhline(1 / len(share), color="C3", linestyle="--", linewidth=1, label=f"uniform share 1/{len(share)}")
+    ax.set_xlim(0.5, len(share) + 0.5)
+    ax.set_xlabel("code rank (most used first)")
+    ax.set_ylabel("share of latent positions")
+    ax.legend(loc="upper right")
+    summary = f"{used} of {len(counts)} codes used, perplexity {perplexity:.1f}"
+    ax.set_title(f"{title}\n{summary}" if title else summary)
+    fig.tight_layout()
+    return _save(fig, path)
