@@ -23,7 +23,7 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except (UserError, OSError) as err:
             message = str(err) if isinstance(err, UserError) else _os_message(err)
-            console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # one line
             raise typer.Exit(2) from None
 
 
@@ -48,11 +48,21 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """sqaudio: prepare | train | evaluate | compare | encode | decode | reconstruct | vocoder | demo."""
 
 
-def _out_json(result: dict, path: Optional[Path]) -> None:
-    if path is not None:
-        import json
+def _out_json(result: dict, path: Path) -> Path:
+    import json
 
-        path.write_text(json.dumps(result, indent=2))
+    from sqaudio.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    return path
+
+
+_OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace outputs that exist already (default: refuse).")
+
+
+def _say_wrote(what: str, path: Path) -> None:
+    """Summary line on stdout: where an output went."""
+    Console().print(f"wrote {what}: {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -66,20 +76,27 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary."),
     devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP via torchrun); see docs/distributed.md."),
 ) -> None:
-    """Train an SQ-VAE (or a VQ-VAE baseline) from a recipe."""
-    from sqaudio.config import load_recipe
+    """Train an SQ-VAE (or a VQ-VAE baseline) from a recipe. Ctrl-C/SIGTERM saves and exits 128 + signal."""
+    from sqaudio.config import load_recipe, validate_recipe
     from sqaudio.train import train as run_training
 
     cfg = load_recipe(recipe, overrides)
+    validate_recipe(cfg)
+    if cfg.data.kind == "speech" and data is None:
+        raise UserError("speech training needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
     if devices > 1:
         from sqaudio.distributed import launch
 
+        if cfg.data.kind == "speech":
+            from sqaudio.store import open_store
+
+            open_store(data)  # a bad --data is reported once, here, before any process starts
         args = ["train", recipe, "--out", str(out), "--device", device] + (["--data", str(data)] if data else [])
         args += [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
         raise typer.Exit(launch(devices, args))
-    if cfg.data.kind == "speech" and data is None:
-        raise UserError("speech training needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
-    run_training(cfg, data, out, resume=resume, device=device, quiet=quiet)
+    result = run_training(cfg, data, out, resume=resume, device=device, quiet=quiet, overrides=overrides)
+    if result["interrupted"]:
+        raise typer.Exit(128 + result["interrupted"])
 
 
 @app.command()
@@ -96,21 +113,29 @@ def evaluate(
                                "mel_distance_db2 (see docs/report.md)."),
     vocoder: str = typer.Option("griffin-lim", "--vocoder", help="With --audio: griffin-lim, a `sqaudio vocoder train` "
                                 "dir, or a pretrained parallel-wavegan dir."),
+    overwrite: bool = _OVERWRITE_OPT,
 ) -> None:
-    """Mel-MSE in dB^2 (paper Table 3) or image MSE, with perplexity, used codes and bitrate."""
-    import json
+    """Mel-MSE in dB^2 (paper Table 3) or image MSE, with perplexity, used codes and bitrate.
 
-    from sqaudio.evaluate import evaluate as run_evaluation, print_table
+    The result is also kept in the run directory as eval-<split>.json, or eval-list-<list name>.json with --list
+    (what compare reads)."""
+    from sqaudio.evaluate import evaluate as run_evaluation, print_table, result_path, save_result
+    from sqaudio.outputs import check_free
 
+    check_free([p for p in (json_path, grid) if p is not None], overwrite)
+    result_path(model if model.is_dir() else model.parent, split, eval_list)  # refuse a clash before evaluating
     result = run_evaluation(model, data, split, str(eval_list) if eval_list else None, device, str(grid) if grid else None)
     if audio:
         from sqaudio.audio_metrics import evaluate_audio
 
         result.update(evaluate_audio(model, data, split, str(eval_list) if eval_list else None, vocoder, device))
-    print_table({model.name: result}, f"evaluation ({split})")
+    print_table({model.name: result}, f"evaluation ({f'list {eval_list.name}' if eval_list else split})")
     run_dir = model if model.is_dir() else model.parent
-    (run_dir / f"eval-{split}.json").write_text(json.dumps(result, indent=2))
-    _out_json(result, json_path)
+    _say_wrote("result (kept with the run)", save_result(run_dir, result))
+    if json_path is not None:
+        _say_wrote("JSON", _out_json(result, json_path))
+    if grid is not None:
+        _say_wrote("image grid", grid)
 
 
 @app.command()
@@ -121,35 +146,47 @@ def compare(
     png: Optional[Path] = typer.Option(None, "--png", help="Write a bar chart of the metrics here."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write all results as JSON here."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    overwrite: bool = _OVERWRITE_OPT,
 ) -> None:
-    """Side-by-side table of several runs, like the paper's Table 3."""
+    """Side-by-side table of several runs, like the paper's Table 3. Columns are named by the shortest
+    distinct end of each run's path (runs/a/x and runs/b/x -> a/x, b/x)."""
     import json
 
-    from sqaudio.evaluate import compare_plot, evaluate as run_evaluation, print_table
+    from sqaudio.evaluate import evaluate as run_evaluation, print_table, result_path, run_names, save_result
+    from sqaudio.plots import compare_plot
+    from sqaudio.outputs import check_free
 
+    names = run_names(runs)
+    check_free([p for p in (png, json_path) if p is not None], overwrite)
     rows = {}
-    for run in runs:
-        saved = run / f"eval-{split}.json"
+    for name, run in zip(names, runs):
+        saved = result_path(run, split)
         if data is not None:
-            rows[run.name] = run_evaluation(run, data, split, device=device, quiet=True)
-            saved.write_text(json.dumps(rows[run.name], indent=2))
+            rows[name] = run_evaluation(run, data, split, device=device, quiet=True)
+            save_result(run, rows[name])
         elif saved.is_file():
-            rows[run.name] = json.loads(saved.read_text())
+            rows[name] = json.loads(saved.read_text())
         else:
             raise UserError(f"{run} has no {saved.name}: run `sqaudio evaluate {run} --data ...` or pass --data")
+        rows[name]["run"] = str(run)
     print_table(rows, f"comparison ({split})")
     if png is not None:
-        compare_plot(rows, png)
-    _out_json(rows, json_path)
+        _say_wrote("chart", compare_plot(rows, png))
+    if json_path is not None:
+        _say_wrote("JSON", _out_json(rows, json_path))
 
 
 @app.command()
 def recipes() -> None:
-    """List the shipped recipes."""
+    """List the shipped recipes (SQ-VAE recipes for `train`, then vocoder recipes for `vocoder train`)."""
     from sqaudio.config import list_recipes
+    from sqaudio.vocoder import list_vocoder_recipes
 
     for name in list_recipes():
         typer.echo(name)
+    typer.echo("# vocoder recipes (sqaudio vocoder train FEATURES --recipe NAME):")
+    for name in list_vocoder_recipes():
+        typer.echo(f"vocoder/{name}")
 
 
 _MODEL_OPT = typer.Option(..., "--model", help="Speech SQ-VAE run directory or checkpoint.")
@@ -157,82 +194,152 @@ _VOCODER_OPT = typer.Option("griffin-lim", "--vocoder",
                             help="griffin-lim, a `sqaudio vocoder train` dir, or a pretrained parallel-wavegan dir.")
 
 
+_SPEAKER_HELP = ("Training speaker to decode with (voice conversion). Default: the training speaker named by the "
+                 "file name's prefix (p225_001.wav) or its folder, else the first training speaker, with a note.")
+
+
+def _note_inputs(inputs) -> None:
+    """Note on stderr: files left out of input folders."""
+    if inputs.note():
+        console.print(f"note: {inputs.note()}", highlight=False)
+
+
+def _note_speaker(codec, path: Path, how: str, speaker: str) -> None:
+    if how == "fallback":
+        known = ", ".join(codec.speakers[:8]) + (", ..." if len(codec.speakers) > 8 else "")
+        console.print(f"note: {escape(str(path))}: no training speaker in its name or folder; decoding as "
+                      f"{speaker}, the first training speaker (choose with --speaker: {known})", highlight=False)
+
+
+def _long_progress(codec, path: Path, label: str):
+    """A progress bar over the model windows of one long input ((None, None) for short or unreadable ones)."""
+    import soundfile as sf
+    from rich.progress import Progress
+
+    try:
+        info = sf.info(str(path))
+    except Exception:  # the codec reports unreadable files with their reason
+        return None, None
+    total = codec.windows(info.frames * codec.features.sample_rate // info.samplerate)
+    if total <= 3:
+        return None, None
+    progress = Progress(console=console, transient=True)
+    task = progress.add_task(label, total=total)
+    return progress, lambda: progress.advance(task)
+
+
 @app.command()
 def reconstruct(
-    inputs: list[Path] = typer.Argument(..., help="Audio files or folders (any rate, mono or stereo)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .wav (one input) or folder (several)."),
+    inputs: list[Path] = typer.Argument(..., help="Audio files or folders (any rate, mono or stereo; "
+                                                  ".wav .flac .ogg .opus .mp3 .aiff .au .caf)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .wav (one input) or folder (several; the "
+                                                            "inputs' relative folders are kept)."),
     model: Path = _MODEL_OPT,
     vocoder: str = _VOCODER_OPT,
-    speaker: Optional[str] = typer.Option(None, "--speaker", help="Decode with this training speaker (voice conversion)."),
+    speaker: Optional[str] = typer.Option(None, "--speaker", help=_SPEAKER_HELP),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of input vs reconstructed mel (one input) or folder."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    overwrite: bool = _OVERWRITE_OPT,
 ) -> None:
-    """Audio -> codes -> decoder -> vocoder -> 16 kHz wav of the input's duration."""
-    from rich.progress import track
+    """Audio -> codes -> decoder -> vocoder -> 16 kHz wav of the input's duration (long files in bounded memory)."""
     from rich.table import Table
 
-    from sqaudio.codec import Codec, expand_inputs, write_wav
+    from sqaudio.codec import Codec
+    from sqaudio.outputs import check_free, find_inputs, targets
+
+    found = find_inputs(inputs)
+    wavs = targets(found, output, ".wav")
+    plots = targets(found, plot, ".png", "--plot") if plot is not None else []
+    check_free(wavs + plots, overwrite)
+    _note_inputs(found)
+    codec = Codec(model, vocoder, device)
+    table = Table("file", "speaker", "codes used", "bitrate (bit/s)", "mel-MSE (dB^2)", "output", title="reconstructed")
+    for i, path in enumerate(found.files):
+        row = _reconstruct_one(codec, path, speaker, wavs[i], plots[i] if plots else None, f"{i + 1}/{len(wavs)}")
+        table.add_row(str(found.relative[i]), *row)
+    Console().print(table)
+    if plot is not None:
+        _say_wrote(f"{len(plots)} mel plot(s)", plot)
+
+
+def _reconstruct_one(codec, path: Path, speaker: Optional[str], target: Path, plot: Optional[Path], label: str):
+    from sqaudio.codec import write_wav
     from sqaudio.plots import plot_mels
 
-    files = expand_inputs(inputs)
-    codec = Codec(model, vocoder, device)
-    single = len(files) == 1 and output.suffix.lower() == ".wav"
-    table = Table("file", "speaker", "codes used", "bitrate (bit/s)", "mel-MSE (dB^2)", "output")
-    for path in track(files, description="reconstruct", console=console, disable=len(files) == 1):
-        wav, stats, enc, mel_hat = codec.reconstruct(path, speaker)
-        target = output if single else output / f"{path.stem}.wav"
-        write_wav(target, wav, codec.features.sample_rate)
-        if plot is not None:
-            plot_mels(enc.mel, mel_hat[0].cpu().numpy(), plot if single else plot / f"{path.stem}.png",
-                      title=path.name)
-        table.add_row(path.name, stats["speaker"], f"{stats['codes_used']}/{stats['latent_frames']}",
-                      f"{stats['bitrate_bps']:.0f}", f"{stats['mel_mse_db2']:.2f}", str(target))
-    Console().print(table)
+    console.print(f"reconstruct {label}: {escape(str(path))}", highlight=False)
+    progress, step = _long_progress(codec, path, path.name)
+    if progress is not None:
+        with progress:
+            out, stats, enc, mel_hat = codec.reconstruct(path, speaker, step)
+    else:
+        out, stats, enc, mel_hat = codec.reconstruct(path, speaker)
+    _note_speaker(codec, path, enc.speaker_from, enc.speaker)
+    write_wav(target, out, codec.features.sample_rate)
+    if plot is not None:
+        plot_mels(enc.mel, mel_hat[0].cpu().numpy(), plot, title=path.name, top_db=codec.features.top_db,
+                  frame_rate=codec.features.frame_rate)
+    return (stats["speaker"], f"{stats['codes_used']}/{stats['latent_frames']}", f"{stats['bitrate_bps']:.0f}",
+            f"{stats['mel_mse_db2']:.2f}", str(target))
 
 
 @app.command()
 def encode(
     inputs: list[Path] = typer.Argument(..., help="Audio files or folders."),
-    output: Path = typer.Option(..., "-o", "--output", help="Codes directory."),
+    output: Path = typer.Option(..., "-o", "--output", help="Codes folder (the inputs' relative folders are kept)."),
     model: Path = _MODEL_OPT,
     fmt: str = typer.Option("npy", "--format", help="npy (indices + JSON header) or zerospeech (one vector per line)."),
-    speaker: Optional[str] = typer.Option(None, "--speaker", help="Speaker stored in the header (default: from the file)."),
+    speaker: Optional[str] = typer.Option(None, "--speaker", help="Speaker stored in the header. " + _SPEAKER_HELP.split(". ", 1)[1]),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    overwrite: bool = _OVERWRITE_OPT,
 ) -> None:
     """Audio -> discrete code indices per latent frame (50 per second)."""
     from rich.progress import track
 
-    from sqaudio.codec import Codec, expand_inputs, write_codes
+    from sqaudio.codec import Codec, code_files, write_codes
+    from sqaudio.outputs import check_free, find_inputs, targets
 
-    files = expand_inputs(inputs)
+    found = find_inputs(inputs)
+    names = targets(found, output, ".npy", file_ok=False)
+    check_free([f for name in names for f in code_files(name, fmt)], overwrite)
+    _note_inputs(found)
     codec = Codec(model, None, device)
-    for path in track(files, description="encode", console=console, disable=len(files) == 1):
-        write_codes(output, path.stem, codec, codec.encode(path, speaker), fmt)
-    console.print(f"wrote codes of {len(files)} file(s) to {output}")
+    for path, name in track(list(zip(found.files, names)), description="encode", console=console,
+                            disable=len(names) == 1):
+        enc = codec.encode(path, speaker)
+        _note_speaker(codec, path, enc.speaker_from, enc.speaker)
+        write_codes(name, codec, enc, fmt)
+    _say_wrote(f"codes of {len(names)} file(s) ({fmt})", output)
 
 
 @app.command()
 def decode(
     codes: list[Path] = typer.Argument(..., help="Code files (.npy with .json header) or folders of them."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder for the wavs."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .wav (one input) or folder (the inputs' "
+                                                            "relative folders are kept)."),
     model: Path = _MODEL_OPT,
     vocoder: str = _VOCODER_OPT,
-    speaker: Optional[str] = typer.Option(None, "--speaker", help="Decode with this speaker instead of the header's."),
+    speaker: Optional[str] = typer.Option(None, "--speaker", help="Decode with this training speaker instead of the header's."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    overwrite: bool = _OVERWRITE_OPT,
 ) -> None:
     """Codes -> decoder -> vocoder -> wavs."""
     from rich.progress import track
 
-    from sqaudio.codec import Codec, expand_inputs, read_codes, write_wav
+    from sqaudio.codec import Codec, read_codes, write_wav
+    from sqaudio.outputs import check_free, find_inputs, targets
 
-    files = expand_inputs(codes, {".npy"})
+    found = find_inputs(codes, lambda p: p.suffix.lower() == ".npy", companions=(".json",))
+    wavs = targets(found, output, ".wav")
+    check_free(wavs, overwrite)
+    _note_inputs(found)
     codec = Codec(model, vocoder, device)
-    for path in track(files, description="decode", console=console, disable=len(files) == 1):
+    for path, target in track(list(zip(found.files, wavs)), description="decode", console=console,
+                              disable=len(wavs) == 1):
         indices, header = read_codes(path)
         codec.check_header(header, path)
         wav = codec.decode(indices, speaker or header["speaker"], int(header["samples"]))
-        write_wav(output / f"{path.stem}.wav", wav, codec.features.sample_rate)
-    console.print(f"wrote {len(files)} wav(s) to {output}")
+        write_wav(target, wav, codec.features.sample_rate)
+    _say_wrote(f"{len(wavs)} wav(s)", output if len(wavs) > 1 or output.suffix.lower() != ".wav" else wavs[0])
 
 
 # --- data: put image datasets into torchvision's layout ----------------------------------------------------------
@@ -364,6 +471,24 @@ def vocoder_info(
     for key, value in vocoder.native().describe().items():
         table.add_row(key, value)
     Console().print(table)
+
+
+@vocoder_app.command("export")
+def vocoder_export(
+    source: Path = typer.Argument(..., help="A `sqaudio vocoder train` directory (newest checkpoint) or checkpoint file."),
+    out: Path = typer.Argument(..., help="Generator-only checkpoint to write (.pt); pass it to --vocoder."),
+    overwrite: bool = _OVERWRITE_OPT,
+) -> None:
+    """Write a generator-only vocoder file for inference (no discriminator or optimizer states)."""
+    from sqaudio.outputs import check_free
+    from sqaudio.vocoder import export_generator
+
+    if out.suffix.lower() != ".pt":
+        raise UserError(f"{out}: the exported vocoder is a .pt file")
+    check_free([out], overwrite)
+    src = export_generator(source, out)
+    size = "{:.1f} MB".format
+    _say_wrote(f"generator of {src.name} ({size(src.stat().st_size / 1e6)} -> {size(out.stat().st_size / 1e6)})", out)
 
 
 # --- prepare: corpus -> feature store ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ itself or a recipe name); the recipe is deep-merged over its base, so ablations 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -18,6 +19,7 @@ import yaml
 from sqaudio.errors import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+VOCODER_DIR = "vocoder"      # recipes/vocoder/: vocoder recipes, not SQ-VAE recipes
 
 
 @dataclass
@@ -129,7 +131,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_last: int = 3
     log_every: int = 50
-    amp: str = "none"            # none | bf16 | fp16 (autocast on CUDA)
+    amp: str = "none"            # none | bf16 | fp16 (autocast on CUDA; CPU runs stay in fp32)
+    deterministic: bool = False  # PyTorch's deterministic algorithms (bit-exact reruns on CUDA, slower)
 
 
 @dataclass
@@ -203,11 +206,21 @@ def resolve_recipe_path(name_or_path: str | Path, relative_to: Path | None = Non
     for path in candidates:
         if path.is_file():
             return path
-    raise UserError(f"recipe '{name_or_path}' not found (shipped recipes: {', '.join(list_recipes())})")
+    close = difflib.get_close_matches(name, list_recipes(), n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}?" if close else "`sqaudio recipes` lists them"
+    raise UserError(f"recipe '{name_or_path}' not found: {hint}")
 
 
 def list_recipes() -> list[str]:
-    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    """Shipped SQ-VAE recipe names (vocoder recipes, under vocoder/, are for `sqaudio vocoder train`)."""
+    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml")
+                  if p.relative_to(RECIPES_DIR).parts[0] != VOCODER_DIR)
+
+
+def _refuse_vocoder_recipe(path: Path) -> None:
+    if path.resolve().is_relative_to((RECIPES_DIR / VOCODER_DIR).resolve()):
+        raise UserError(f"{path.stem} is a vocoder recipe: train it with `sqaudio vocoder train FEATURES_DIR "
+                        f"--recipe {path.stem} --out DIR`")
 
 
 def load_recipe_dict(name_or_path: str | Path, relative_to: Path | None = None) -> dict[str, Any]:
@@ -248,4 +261,44 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    _refuse_vocoder_recipe(resolve_recipe_path(name_or_path))
     return from_dict(Recipe, apply_overrides(load_recipe_dict(name_or_path), overrides or []))
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise UserError(f"{key} must be {rule}, got {value!r}")
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    _check(value in valid, key, value, f"one of {', '.join(valid)}")
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Every numeric and enumerated training setting, checked before anything is written (UserError)."""
+    d, t, q, m = recipe.data, recipe.train, recipe.quantizer, recipe.model
+    _choice("data.kind", d.kind, ("speech", "mnist", "fashion_mnist", "cifar10", "celeba", "celebamask_hq"))
+    _choice("data.mode", d.mode, ("crop", "utterance"))
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
+    _check(d.sample_frames >= 4, "data.sample_frames", d.sample_frames, ">= 4 (the encoder needs 6 frames)")
+    if d.kind == "speech" and d.mode == "utterance":
+        _check(d.max_frames >= 6, "data.max_frames", d.max_frames, ">= 6 in utterance mode (the encoder needs 6)")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
+    _check(t.epochs >= 0, "train.epochs", t.epochs, ">= 0")
+    _check(t.epochs > 0 or t.steps >= 1, "train.steps", t.steps, ">= 1 (or set train.epochs)")
+    _check(t.lr > 0, "train.lr", t.lr, "> 0")
+    _choice("train.lr_schedule", t.lr_schedule, ("multistep", "plateau", "constant"))
+    _check(all(x >= 0 for x in t.milestones), "train.milestones", t.milestones, "steps >= 0")
+    _check(0 < t.gamma <= 1, "train.gamma", t.gamma, "in (0, 1]")
+    _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, ">= 0 (0 = off)")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, ">= 1")
+    _check(t.keep_last >= 0, "train.keep_last", t.keep_last, ">= 0 (0 = keep all)")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    _choice("train.amp", t.amp, ("none", "bf16", "fp16"))
+    _check(q.variant in (1, 2, 3, 4), "quantizer.variant", q.variant, "1, 2, 3 or 4")
+    _check(q.temperature.init > 0, "quantizer.temperature.init", q.temperature.init, "> 0")
+    _check(q.temperature.decay >= 0, "quantizer.temperature.decay", q.temperature.decay, ">= 0")
+    _check(q.temperature.min >= 0, "quantizer.temperature.min", q.temperature.min, ">= 0")
+    _check(0 <= q.vq_decay < 1, "quantizer.vq_decay", q.vq_decay, "in [0, 1)")
+    _choice("model.kind", m.kind, ("speech", "vision"))
+    _check(0 <= m.speech.jitter <= 1, "model.speech.jitter", m.speech.jitter, "in [0, 1]")

@@ -188,18 +188,20 @@ def evaluate(model_path: str | Path, data: str | Path | None, split: str = "test
 
 
 def result_path(run_dir: Path, split: str, eval_list: str | Path | None = None) -> Path:
-    """Where a run keeps the result of what was evaluated: eval-<split>.json or eval-list-<list stem>.json."""
-    return Path(run_dir) / (f"eval-list-{Path(eval_list).stem}.json" if eval_list else f"eval-{split}.json")
+    """Where a run keeps the result of what was evaluated: eval-<split>.json or eval-list-<list stem>.json
+    (a UserError when that file holds the result of another list with the same name)."""
+    if not eval_list:
+        return Path(run_dir) / f"eval-{split}.json"
+    path = Path(run_dir) / f"eval-list-{Path(eval_list).stem}.json"
+    old = json.loads(path.read_text()).get("list") if path.is_file() else None
+    if old and old != str(Path(eval_list).absolute()):
+        raise UserError(f"{path} holds the result of another list ({old}); rename {Path(eval_list).name}")
+    return path
 
 
 def save_result(run_dir: Path, result: dict[str, Any]) -> Path:
-    """Keep `result` in the run dir under its `result_path` (replacing an older result of the same evaluation;
-    a result of another list with the same file name is a UserError)."""
+    """Keep `result` in the run dir under its `result_path`, replacing an older result of the same evaluation."""
     path = result_path(run_dir, result.get("split", "test"), result.get("list"))
-    if result.get("list") and path.is_file():
-        old = json.loads(path.read_text()).get("list")
-        if old and old != result["list"]:
-            raise UserError(f"{path} holds the result of another list ({old}); rename {Path(result['list']).name}")
     path.write_text(json.dumps(result, indent=2))
     return path
 

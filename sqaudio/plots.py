@@ -60,31 +60,51 @@ def axis_label(key: str) -> str:
 
 
 def plot_annealing(out: Path, run_name: str | None = None) -> Path | None:
-    """annealing.png in run dir `out`: entropy of P̂, σ²_φ, perplexity and mel-MSE over training steps."""
+    """annealing.png in run dir `out` (None when history.jsonl holds nothing to plot); returns its path."""
     history = Path(out) / "history.jsonl"
     rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()] if history.exists() else []
+    fig = annealing_figure(rows, run_name or Path(out).resolve().name)
+    return _save(fig, Path(out) / "annealing.png") if fig is not None else None
+
+
+def annealing_figure(rows: list[dict[str, Any]], run_name: str):
+    """Entropy of P̂, σ²_φ, perplexity and mel-MSE over training steps, three panels per row."""
     keys = [k for k in ANNEALING_KEYS if any(k in r for r in rows)]
     if not keys:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    from matplotlib.ticker import MaxNLocator
+
+    ncols = min(3, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         steps, values = zip(*points) if points else ((), ())
         ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=4)
-        ax.set_title(METRICS[key][0])
+        title, unit, _, log = METRICS[key]
+        ax.set_title(title)
         ax.set_xlabel("training step")
-        ax.set_ylabel(axis_label(key))
-        if METRICS[key][3] and all(v > 0 for v in values):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(unit)
+        if log and values and min(values) > 0:
             ax.set_yscale("log")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
     last = max((r["step"] for r in rows), default=0)
-    fig.suptitle(f"{run_name or Path(out).resolve().name}: self-annealing, {last:,} steps ({len(rows)} logged points)")
+    logged = f"{len(rows)} logged point{'s' * (len(rows) != 1)}"
+    fig.suptitle(f"{run_name}: self-annealing over {last:,} steps ({logged})")
     fig.tight_layout()
-    return _save(fig, Path(out) / "annealing.png")
+    return fig
 
 
 def compare_plot(rows: dict[str, dict[str, Any]], path: str | Path) -> Path:
-    """Bar chart per metric, one bar per run (tick: run name and its step count), values on the bars."""
+    """Bar chart of the runs' metrics at `path`; returns it."""
+    return _save(compare_figure(rows), path)
+
+
+def compare_figure(rows: dict[str, dict[str, Any]]):
+    """One panel per metric, one bar per run (tick: run name and its step count), values on the bars."""
     keys = [k for k in COMPARE_KEYS if any(k in r for r in rows.values())]
     plt = _pyplot()
     width = max(4.0, 1.1 * len(rows) + 1.5)
@@ -103,7 +123,7 @@ def compare_plot(rows: dict[str, dict[str, Any]], path: str | Path) -> Path:
     note = "  —  runs trained for different step counts" if len(steps) > 1 else ""
     fig.suptitle(f"comparison of {len(rows)} runs{note}", color="C3" if note else "black")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def _steps(row: dict[str, Any]) -> str:
@@ -116,6 +136,12 @@ def _short(value: float) -> str:
 
 def plot_mels(original: np.ndarray, reconstructed: np.ndarray, path: str | Path, title: str = "",
               top_db: float = 80.0, frame_rate: float = 100.0) -> Path:
+    """PNG of `mels_figure` at `path`; returns it."""
+    return _save(mels_figure(original, reconstructed, title, top_db, frame_rate), path)
+
+
+def mels_figure(original: np.ndarray, reconstructed: np.ndarray, title: str = "", top_db: float = 80.0,
+                frame_rate: float = 100.0):
     """Input log-mel above the reconstruction (both normalised (n_mels, frames)), in dB re peak, colour bar."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True, squeeze=True)
@@ -130,12 +156,17 @@ def plot_mels(original: np.ndarray, reconstructed: np.ndarray, path: str | Path,
         ax.grid(False)
     axes[-1].set_xlabel("time (s)")
     fig.colorbar(image, ax=list(axes), label="level (dB re peak)", fraction=0.04, pad=0.02)
-    return _save(fig, path)
+    return fig
 
 
 def save_grid(originals, recons, path: str | Path, title: str = "") -> Path:
+    """PNG of `grid_figure` at `path`; returns it."""
+    return _save(grid_figure(originals, recons, title), path)
+
+
+def grid_figure(originals, recons, title: str = ""):
     """Images (N, C, H, W) in [0, 1] (or class maps (N, H, W) and logits) as two labelled rows, each image
-    drawn at least 1.2 inches wide."""
+    drawn 1.3 inches wide."""
     import torch
 
     if originals.dtype == torch.long:  # class maps: show class indices with a qualitative colour map
@@ -160,7 +191,7 @@ def save_grid(originals, recons, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_code_usage(counts: np.ndarray, path: str | Path, title: str = "") -> Path:
