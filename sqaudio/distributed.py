@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -61,26 +63,96 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group together (a rank tearing gloo down under another can abort it)."""
-    if dist.is_available() and dist.is_initialized():
-        try:
+def control_group():
+    """A CPU (gloo) group for small control messages (the stop flag), beside the NCCL group on GPUs."""
+    return dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (identity in one process)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a collective: all ranks call it)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether an error comes from a collective whose peer is gone (that peer reports its own error)."""
+    dist_error = getattr(dist, "DistError", ())
+    text = str(err).lower()
+    return isinstance(err, dist_error) or any(w in text for w in ("connection closed", "connection reset",
+                                                                   "gloo", "nccl", "broken pipe", "timed out"))
+
+
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group: together (a barrier) after success; at once when leaving on an error, where
+    a barrier would wait for ranks that are stuck in another collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait:
             dist.barrier()
-        except RuntimeError:  # another rank is already gone (e.g. it failed): nothing left to wait for
-            pass
         dist.destroy_process_group()
+    except RuntimeError:  # another rank is already gone: nothing left to wait for
+        pass
+
+
+GRACE_S = 10.0  # how long the other ranks get to leave after one failed, before they are killed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch(nproc: int, args: list[str]) -> int:
-    """Run `sqaudio ARGS` in `nproc` local processes with torchrun; returns the exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "sqaudio", *args]
-    proc = subprocess.Popen(cmd)
-    while True:
+    """Run `sqaudio ARGS` in `nproc` local processes (the environment torchrun would give them).
+
+    Returns 0 when all succeed, else the first failure's code (2 for errors, 128 + signal for a stop); the
+    failing rank prints its own one-line error, and ranks still running GRACE_S seconds after a failure are
+    killed, so a failure never hangs the job. SIGINT reaches the workers from the terminal; SIGTERM sent to
+    this launcher is passed on to them.
+    """
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "sqaudio"}
+    procs = [subprocess.Popen([sys.executable, "-m", "sqaudio", *args],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    old = signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs])
+    try:
+        return _wait_all(procs)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> int:
+    code, failed_at = 0, None
+    while any(p.poll() is None for p in procs):
         try:
-            return proc.wait()
-        except KeyboardInterrupt:  # the workers got the SIGINT too: wait while they save and exit
+            time.sleep(0.05)
+        except KeyboardInterrupt:  # the workers got the SIGINT too: they stop at a step boundary and save
             continue
+        for p in procs:
+            if p.returncode not in (None, 0) and code == 0:
+                code, failed_at = p.returncode, time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    for p in procs:
+        if p.returncode not in (None, 0) and code == 0:
+            code = p.returncode
+    return 2 if code < 0 else code
 
 
 class StopSignals:

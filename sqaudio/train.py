@@ -4,17 +4,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from sqaudio import checkpoint, distributed
-from sqaudio.config import FeatureConfig, Recipe, TemperatureConfig, from_dict, to_dict
+from sqaudio import checkpoint, distributed, engine
+from sqaudio.config import (FeatureConfig, Recipe, TemperatureConfig, apply_overrides, from_dict, to_dict,
+                            validate_recipe)
 from sqaudio.data import StepBatches, image_batches, speech_batches
 from sqaudio.device import pick_device  # noqa: F401  (re-exported for the commands)
 from sqaudio.errors import UserError
@@ -42,6 +43,7 @@ class TrainingData:
     batches: StepBatches
     speakers: list[str]
     features: FeatureConfig | None
+    validation: Any = None       # images: the held-out set the plateau schedule is stepped on
 
 
 def load_training_data(recipe: Recipe, data: str | Path, rank: int = 0, world: int = 1) -> TrainingData:
@@ -55,8 +57,8 @@ def load_training_data(recipe: Recipe, data: str | Path, rank: int = 0, world: i
         return TrainingData(batches, store.speakers, store.features)
     from sqaudio.images import build_image_datasets
 
-    train_set, _ = build_image_datasets(recipe.data, data or recipe.data.root)
-    return TrainingData(image_batches(train_set, recipe.data, recipe.train.seed, rank, world), [], None)
+    train_set, val_set = build_image_datasets(recipe.data, data or recipe.data.root)
+    return TrainingData(image_batches(train_set, recipe.data, recipe.train.seed, rank, world), [], None, val_set)
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe):
@@ -73,12 +75,6 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe):
     return opt, sched
 
 
-def checkpoint_state(model, opt, sched, step: int, recipe: Recipe, data: TrainingData) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "step": step, "rng": torch.get_rng_state(), "recipe": to_dict(recipe),
-            "features": to_dict(data.features) if data.features else None, "speakers": data.speakers}
-
-
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SQVAE, dict[str, Any]]:
     """Rebuild a model from a checkpoint (or the newest one of a run dir) with its own saved recipe."""
     state = checkpoint.load(checkpoint.latest(Path(path)))
@@ -88,55 +84,71 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SQ
     return model.to(device).eval(), state
 
 
-def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False,
-          device: str | None = None, quiet: bool = False) -> dict[str, float]:
-    """Train `recipe` on `data` into run directory `out`; returns the final logged statistics.
+def resumed_recipe(state: dict[str, Any], recipe: Recipe, overrides: list[str]) -> Recipe:
+    """The saved configuration of the run being resumed, with only the `--set` overrides changed."""
+    saved = state["recipe"]
+    if recipe.name != saved.get("name"):
+        raise UserError(f"this run was trained with recipe '{saved.get('name')}', not '{recipe.name}': resume "
+                        f"with the same recipe (its saved config is used; change settings with --set)")
+    return from_dict(Recipe, apply_overrides(saved, overrides))
 
-    Under torchrun (WORLD_SIZE > 1) each process takes its slice of every global batch and the model is
-    wrapped in DistributedDataParallel; only rank 0 writes checkpoints, logs and progress.
+
+def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False,
+          device: str | None = None, quiet: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train `recipe` on `data` into run directory `out`; returns the last logged statistics, plus "step"
+    and "interrupted" (the signal number that stopped the run, or None).
+
+    `resume` continues the newest checkpoint with its saved configuration; `overrides` (the `--set` items)
+    change only what they name. Under torchrun (WORLD_SIZE > 1) each process takes its slice of every
+    global batch (DistributedDataParallel); only rank 0 writes checkpoints, logs and progress.
     """
     out = Path(out)
-    dev = pick_device(device)
-    ctx = distributed.init_from_env(dev)
-    if dev.type == "cuda" and ctx.world > 1:
-        dev = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(dev)
-    if recipe.data.batch_size % ctx.world:
-        raise UserError(f"data.batch_size {recipe.data.batch_size} is not divisible by {ctx.world} processes")
-    existing = checkpoint.list_checkpoints(out) if out.is_dir() else []
-    if existing and not resume:
-        raise UserError(f"{out} already holds checkpoints; pass --resume to continue or choose a new --out")
-    torch.manual_seed(recipe.train.seed)
-    td = load_training_data(recipe, data, ctx.rank, ctx.world)
-    if recipe.model.kind == "speech" and recipe.model.speech.n_speakers == 0:
-        recipe = dataclasses.replace(recipe, model=dataclasses.replace(
-            recipe.model, speech=dataclasses.replace(recipe.model.speech, n_speakers=len(td.speakers))))
-    cfg = recipe.train
-    total = cfg.epochs * td.batches.steps_per_epoch if cfg.epochs > 0 else cfg.steps
-    model = build_model(recipe).to(dev)
-    opt, sched = build_optimizer(model, recipe)
-    step = 0
-    if existing:
-        state = checkpoint.load(existing[-1])
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale_temporaries(out)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-        _truncate_history(out, step)
-    net = model
-    if ctx.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    validate_recipe(recipe)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if recipe.data.batch_size % world:  # before joining: every rank fails alike at once
+        raise UserError(f"data.batch_size {recipe.data.batch_size} is not divisible by {world} processes")
+    with engine.session(device, recipe.train.deterministic) as eng:
+        ctx = eng.ctx
+        state = eng.resume_state(out, resume)
+        if state is not None:
+            recipe = resumed_recipe(state, recipe, overrides or [])
+            validate_recipe(recipe)
+        eng.seed_streams(recipe.train.seed)
+        if recipe.data.batch_size % ctx.world:
+            engine.fail_together(f"data.batch_size {recipe.data.batch_size} is not divisible by {ctx.world} "
+                                 f"processes", ctx)
+        td = load_training_data(recipe, data, ctx.rank, ctx.world)
+        if recipe.model.kind == "speech" and recipe.model.speech.n_speakers == 0:
+            recipe = dataclasses.replace(recipe, model=dataclasses.replace(
+                recipe.model, speech=dataclasses.replace(recipe.model.speech, n_speakers=len(td.speakers))))
+        total = recipe.train.epochs * td.batches.steps_per_epoch if recipe.train.epochs > 0 else recipe.train.steps
+        with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, streams untouched
+            torch.manual_seed(recipe.train.seed)
+            model = build_model(recipe)
+        model = model.to(eng.dev)
+        opt, sched = build_optimizer(model, recipe)
+        step = 0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            step = int(state["step"])
+            eng.restore_rng(state, step)
+            if ctx.is_main and not quiet:
+                console.print(f"resuming {out} from step {step} (checkpoint-{step}.pt) to step {total}")
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_stale_temporaries(out)
+            checkpoint.atomic_write(out / "config.yaml",
+                                    lambda tmp: tmp.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False)))
+            _truncate_history(out, step)
+        net = model
+        if ctx.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    try:
-        return _loop(net, model, opt, sched, td, recipe, out, dev, step, total, quiet or not ctx.is_main, ctx)
-    finally:
-        distributed.shutdown()
+            net = DistributedDataParallel(model, device_ids=[eng.dev.index] if eng.dev.type == "cuda" else None)
+        run = _Run(eng, net, model, opt, sched, td, recipe, out)
+        return run.loop(step, total, quiet or not ctx.is_main)
 
 
 def _truncate_history(out: Path, step: int) -> None:
@@ -147,86 +159,122 @@ def _truncate_history(out: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
-def _loop(net, model, opt, sched, td: TrainingData, recipe: Recipe, out: Path, dev, step: int, total: int,
-          quiet: bool, ctx: distributed.Context) -> dict[str, float]:
-    from torch.utils.tensorboard import SummaryWriter
+class _Run:
+    """One run's state; `loop` is the training loop (the step is its own, everything else the engine's)."""
 
-    cfg = recipe.train
-    scale = recipe.features.top_db ** 2 if recipe.data.kind == "speech" else 1.0
-    writer = SummaryWriter(str(out / "tensorboard")) if ctx.is_main else None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16" and dev.type == "cuda")
-    running: dict[str, float] = {}
-    epoch_loss, last = [], {}
-    save = lambda: ctx.is_main and checkpoint.save_step(  # noqa: E731
-        checkpoint_state(model, opt, sched, step, recipe, td), out, step, cfg.keep_last)
-    net.train()
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                        console=console, disable=quiet)
-    stopped = False
-    try:
-        with distributed.StopSignals() as stop, progress:
-            task = progress.add_task("train", total=total, completed=step, info="")
-            while step < total:
-                batch = {k: v.to(dev, non_blocking=True) for k, v in td.batches[step].items()}
-                tau = temperature(recipe.quantizer.temperature, step)
-                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    result = net(batch, temperature=tau)
-                loss = result.loss
-                flags = distributed.sum_all(torch.tensor([float(not torch.isfinite(loss)), float(stop.signal is not None)],
-                                                         device=dev))
-                if flags[0] > 0:
-                    good = checkpoint.list_checkpoints(out)
-                    raise UserError(f"loss is {loss.item()} at step {step}; stopped without saving "
-                                    f"(last good checkpoint: {good[-1] if good else 'none'})")
-                if flags[1] > 0:
-                    stopped = True
-                    break
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                step += 1
-                epoch_loss.append(loss.item())
-                if cfg.lr_schedule == "plateau":
-                    if step % td.batches.steps_per_epoch == 0:
-                        sched.step(sum(epoch_loss) / len(epoch_loss))
-                        epoch_loss = []
-                else:
-                    sched.step()
-                row = _stats_row(result, loss, tau, scale, opt)
-                running = {k: running.get(k, v) * 0.9 + v * 0.1 for k, v in row.items()}
-                if (step % cfg.log_every == 0 or step == total) and ctx.is_main:
-                    last = {"step": step, **running}
-                    _log(writer, out, last)
-                progress.update(task, completed=step, info=_describe(running))
-                if step % cfg.checkpoint_every == 0 or step == total:
-                    save()
-    finally:  # (a second Ctrl-C/SIGTERM is not caught: it ends the process at once)
+    def __init__(self, eng: engine.Engine, net, model, opt, sched, td: TrainingData, recipe: Recipe, out: Path):
+        self.eng, self.net, self.model, self.opt, self.sched = eng, net, model, opt, sched
+        self.td, self.recipe, self.out = td, recipe, out
+        self.scale = recipe.features.top_db ** 2 if recipe.data.kind == "speech" else 1.0
+        self.saved_at = -1
+
+    def save(self, step: int) -> None:
+        """All ranks call this (their RNG streams are gathered); rank 0 writes."""
+        rngs = self.eng.rng_states()
+        if self.eng.ctx.is_main and step != self.saved_at:
+            td = self.td
+            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                     "scheduler": self.sched.state_dict(), "step": step, **rngs, "recipe": to_dict(self.recipe),
+                     "features": to_dict(td.features) if td.features else None, "speakers": td.speakers}
+            checkpoint.save_step(state, self.out, step, self.recipe.train.keep_last)
+        self.saved_at = step
+
+    def train_step(self, step: int, batch: dict[str, torch.Tensor], scaler) -> tuple[torch.Tensor, dict]:
+        """One optimisation step; returns the loss and the statistics (device tensors, no host sync)."""
+        cfg, eng = self.recipe.train, self.eng
+        tau = temperature(self.recipe.quantizer.temperature, step)
+        with eng.autocast(cfg.amp), eng.noise(step):
+            result = self.net(batch, temperature=tau)
+        loss = result.loss
+        self.opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        scaler.step(self.opt)
+        scaler.update()
+        return loss, {"loss": loss, **result.losses, **result.stats}
+
+    def loop(self, step: int, total: int, quiet: bool) -> dict[str, Any]:
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg, eng, ctx = self.recipe.train, self.eng, self.eng.ctx
+        scaler = torch.amp.GradScaler(eng.dev.type, enabled=cfg.amp == "fp16" and eng.dev.type == "cuda")
+        meter, last = engine.Meter(ctx), {}
+        self.net.train()
+        with engine.Stop(ctx) as stop, engine.progress("train", quiet) as bar:
+            writer = SummaryWriter(str(self.out / "tensorboard")) if ctx.is_main else None
+            try:
+                task = bar.add_task("", total=total, completed=step)
+                for s, batch in eng.batches(self.td.batches, step, total, self.recipe.data.num_workers):
+                    if stop.requested():  # before the forward: the saved state is exactly that after step s - 1
+                        break
+                    loss, values = self.train_step(s, batch, scaler)
+                    step = s + 1
+                    meter.add(s, values, loss)
+                    self._schedule(step)
+                    log, ckpt = step % cfg.log_every == 0 or step == total, step % cfg.checkpoint_every == 0
+                    if log or ckpt:
+                        row = meter.read(step, self.out, reset=log)  # the step's one host sync; NaN check
+                        if log:
+                            last = self._log(writer, step, row)
+                            bar.update(task, description=_describe(last))
+                    bar.update(task, completed=step)
+                    if ckpt or step == total:
+                        self.save(step)
+                if stop.signal is not None:
+                    meter.read(step, self.out)
+                    self.save(step)
+            finally:
+                if writer is not None:
+                    writer.close()
+        if stop.signal is not None:
+            if ctx.is_main:
+                console.print(f"interrupted: saved checkpoint at step {step} in {self.out}; continue with --resume")
+        elif ctx.is_main:
+            _finish(self.out, last, quiet)
+        return {**last, "step": step, "interrupted": stop.signal}
+
+    def _schedule(self, step: int) -> None:
+        """Multistep/constant: every step. Plateau: at each epoch's end, on the validation loss."""
+        if self.recipe.train.lr_schedule != "plateau":
+            self.sched.step()
+        elif step % self.td.batches.steps_per_epoch == 0:
+            self.sched.step(validation_loss(self.model, self.td.validation, self.recipe, self.eng))
+
+    def _log(self, writer, step: int, row: dict[str, float]) -> dict[str, Any]:
+        row = {**row, "tau": temperature(self.recipe.quantizer.temperature, step - 1),
+               "lr": self.opt.param_groups[0]["lr"]}
+        if "mse" in row and self.scale != 1.0:
+            row["mel_mse_db2"] = row["mse"] * self.scale
+        last = {"step": step, **row}
         if writer is not None:
-            writer.close()
-    if stopped:
-        save()
-        if ctx.is_main:
-            console.print(f"interrupted: saved checkpoint at step {step} in {out}; continue with --resume")
+            _log(writer, self.out, last)
         return last
-    if ctx.is_main:
-        _finish(out, last, quiet)
-    distributed.barrier()
-    return last
 
 
-def _stats_row(result, loss, tau: float, scale: float, opt) -> dict[str, float]:
-    row = {"loss": loss.item(), "tau": tau, "lr": opt.param_groups[0]["lr"]}
-    row.update({k: float(v.detach()) for k, v in result.losses.items()})
-    row.update({k: float(v) for k, v in result.stats.items()})
-    if "mse" in row and scale != 1.0:
-        row["mel_mse_db2"] = row["mse"] * scale
-    return row
+@torch.no_grad()
+def validation_loss(model: SQVAE, dataset, recipe: Recipe, eng: engine.Engine) -> float:
+    """Mean loss over the validation set with deterministic quantization (model.eval()), the value the
+    reference steps ReduceLROnPlateau with. Each rank scores its slice of every batch; the mean is global."""
+    if dataset is None:
+        raise UserError("train.lr_schedule=plateau needs a validation set (image datasets have one)")
+    from sqaudio.data import collate_images
+
+    ctx, size = eng.ctx, recipe.data.batch_size
+    total = torch.zeros(2, dtype=torch.float64, device=eng.dev)
+    model.eval()
+    try:
+        for first in range(0, len(dataset) - ctx.world + 1, size):
+            rows = range(first + ctx.rank, min(first + size, len(dataset)), ctx.world)
+            batch = {k: v.to(eng.dev) for k, v in collate_images([dataset[i] for i in rows]).items()}
+            with eng.autocast(recipe.train.amp):
+                loss = model(batch).loss.double()
+            total += torch.stack([loss * len(rows), loss.new_tensor(float(len(rows)))])
+    finally:
+        model.train()
+    total = distributed.sum_all(total)
+    return float(total[0] / total[1])
 
 
 def _describe(row: dict[str, float]) -> str:

@@ -10,10 +10,7 @@ the single-process trajectory for models without noise inputs (HiFi-GAN, MelGAN)
 """
 from __future__ import annotations
 
-import math
 import os
-import random
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -22,15 +19,12 @@ import numpy as np
 import soundfile as sf
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from sqaudio import checkpoint, distributed
+from sqaudio import checkpoint, distributed, engine
 from sqaudio.checkpoint import atomic_write
 from sqaudio.config import FeatureConfig, from_dict, to_dict
 from sqaudio.data import StepBatches, step_generator
-from sqaudio.device import pick_device
-from sqaudio.distributed import StopSignals
 from sqaudio.errors import UserError
 from sqaudio.features import AudioError, load_audio, prepare_waveform
 from sqaudio.store import Store, open_store
@@ -221,66 +215,6 @@ def _update(opt: torch.optim.Optimizer, cfg: OptimizerConfig, step: int, loss: t
     opt.step()
 
 
-# ------------------------------------------------------------------ RNG state (weights_only-safe)
-
-def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, _ = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64)}}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate((state["python"]["version"], tuple(int(v) for v in state["python"]["state"]), None))
-
-
-def seed_all(seed: int) -> None:
-    """Seed the torch (CPU and CUDA), numpy and Python RNGs the models draw from."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def rank_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of the model RNG stream of a rank > 0 started (or restarted without its saved state) at `step`.
-
-    Rank 0 continues the single-process stream; the others get their own, so noise inputs and random
-    discriminator windows differ between the ranks' slices of a batch.
-    """
-    return step_generator(seed, 3, rank, step).initial_seed()
-
-
-def gather_rng_states(ctx: distributed.Context) -> list[dict[str, Any]]:
-    """Every rank's `rng_state()`, in rank order (a collective: all ranks call it)."""
-    if ctx.world == 1:
-        return [rng_state()]
-    import torch.distributed as dist
-
-    states: list[Any] = [None] * ctx.world
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def restore_rng(state: dict[str, Any], ctx: distributed.Context, seed: int) -> None:
-    """Each rank takes its own saved stream when the checkpoint has one per rank of this world size;
-    otherwise rank 0 takes the saved (rank-0) stream and the others start fresh ones (`rank_seed`)."""
-    ranks = state.get("rng_ranks") or []
-    if len(ranks) == ctx.world:
-        set_rng_state(ranks[ctx.rank])
-    elif ctx.rank == 0:
-        set_rng_state(state["rng"])
-    else:
-        seed_all(rank_seed(seed, ctx.rank, int(state["step"])))
-
-
 # ------------------------------------------------------------------ training
 
 def train_vocoder(features_dir: str | Path, out_dir: str | Path, recipe: str | Path | None = None,
@@ -291,43 +225,38 @@ def train_vocoder(features_dir: str | Path, out_dir: str | Path, recipe: str | P
     Under torchrun (WORLD_SIZE > 1) each process trains on its slice of every global batch of
     `train.batch_size` crops with DistributedDataParallel; only rank 0 writes to `out_dir`.
     """
-    store, out, dev = open_store(features_dir), Path(out_dir), pick_device(device)
-    state = None
-    if resume:
-        if recipe is not None:
-            raise UserError("--recipe cannot be combined with --resume (the run's saved config is used; "
-                            "change settings such as train.steps with --set)")
-        state = checkpoint.load(checkpoint.latest(out))
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"{out} does not hold vocoder checkpoints")
-        cfg = load_vocoder_config(base=state["config"], overrides=overrides)
-        saved = from_dict(FeatureConfig, state["features"], "features")
-        if saved != store.features:
-            diff = [k for k in to_dict(saved) if to_dict(saved)[k] != to_dict(store.features)[k]]
-            raise UserError(f"{features_dir} has other features than the run in {out}: {', '.join(diff)} differ")
-    else:
-        if checkpoint.list_checkpoints(out):
-            raise UserError(f"{out} already has checkpoints: pass --resume to continue, or choose another --out")
-        cfg = load_vocoder_config(recipe or "hifigan", overrides)
-    features, tc = store.features, cfg.train
-    seed_all(tc.seed)
-    generator = build_generator(cfg, features)
-    validate(cfg, features, generator)
-    from sqaudio.pwg import build_discriminator
-    discriminator = build_discriminator(cfg.discriminator_type, cfg.discriminator_params)
-    losses = Losses(cfg, features)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # checked before joining, so every rank fails alike at once
-    if tc.batch_size % world:
-        raise UserError(f"train.batch_size {tc.batch_size} is not divisible by {world} processes")
-    entries = usable_entries(store, "train", tc.batch_frames)
-    if not entries:
-        raise UserError(f"no training utterance in {features_dir} is longer than train.batch_frames="
-                        f"{tc.batch_frames} frames")
-    ctx = distributed.init_from_env(dev)
-    try:
-        if dev.type == "cuda" and ctx.world > 1:
-            dev = torch.device("cuda", ctx.local_rank)
-            torch.cuda.set_device(dev)
+    store, out = open_store(features_dir), Path(out_dir)
+    if resume and recipe is not None:
+        raise UserError("--recipe cannot be combined with --resume (the run's saved config is used; "
+                        "change settings such as train.steps with --set)")
+    cfg = None if resume else load_vocoder_config(recipe or "hifigan", overrides)
+    if cfg is not None:
+        _check_world(cfg)  # before joining: every rank fails alike at once
+    with engine.session(device) as eng:
+        state = eng.resume_state(out, resume, fmt=CHECKPOINT_FORMAT)
+        if state is not None:
+            cfg = load_vocoder_config(base=state["config"], overrides=overrides)
+            _check_world(cfg)
+            saved = from_dict(FeatureConfig, state["features"], "features")
+            if saved != store.features:
+                diff = [k for k in to_dict(saved) if to_dict(saved)[k] != to_dict(store.features)[k]]
+                raise UserError(f"{features_dir} has other features than the run in {out}: {', '.join(diff)} differ")
+        elif cfg is None:
+            engine.fail_together(f"no checkpoint found in {out} to resume (start without --resume)", eng.ctx)
+        features, tc = store.features, cfg.train
+        with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank, streams untouched
+            engine.seed_all(tc.seed)
+            generator = build_generator(cfg, features)
+            validate(cfg, features, generator)
+            from sqaudio.pwg import build_discriminator
+            discriminator = build_discriminator(cfg.discriminator_type, cfg.discriminator_params)
+        losses = Losses(cfg, features)
+        entries = usable_entries(store, "train", tc.batch_frames)
+        if not entries:
+            raise UserError(f"no training utterance in {features_dir} is longer than train.batch_frames="
+                            f"{tc.batch_frames} frames")
+        eng.seed_streams(tc.seed)
+        dev = eng.dev
         generator, discriminator, losses = generator.to(dev), discriminator.to(dev), losses.to(dev)
         g_opt = make_optimizer(generator.parameters(), cfg.generator_optimizer)
         d_opt = make_optimizer(discriminator.parameters(), cfg.discriminator_optimizer)
@@ -338,17 +267,21 @@ def train_vocoder(features_dir: str | Path, out_dir: str | Path, recipe: str | P
             g_opt.load_state_dict(state["generator_optimizer"])
             d_opt.load_state_dict(state["discriminator_optimizer"])
             step = int(state["step"])
-            restore_rng(state, ctx, tc.seed)
-        elif ctx.rank > 0:
-            seed_all(rank_seed(tc.seed, ctx.rank, 0))
-        if ctx.is_main:
+            eng.restore_rng(state, step)
+            if eng.ctx.is_main and not quiet:
+                console.print(f"resuming {out} from step {step} (checkpoint-{step}.pt) to step {tc.steps}")
+        if eng.ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_stale_temporaries(out)
             atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(config_yaml(cfg, features)))
-        run = _Run(cfg, features, store, out, dev, generator, discriminator, losses, g_opt, d_opt, ctx)
-        return run.loop(entries, step, quiet or not ctx.is_main)
-    finally:
-        distributed.shutdown()
+        run = _Run(cfg, features, store, out, eng, generator, discriminator, losses, g_opt, d_opt)
+        return run.loop(entries, step, quiet or not eng.ctx.is_main)
+
+
+def _check_world(cfg: VocoderConfig) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.train.batch_size % world:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} is not divisible by {world} processes")
 
 
 class _Run:
@@ -358,11 +291,12 @@ class _Run:
     gradients are averaged across processes (DistributedDataParallel under torchrun, else the same modules).
     """
 
-    def __init__(self, cfg, features, store, out, dev, generator, discriminator, losses, g_opt, d_opt,
-                 ctx: distributed.Context):
-        self.cfg, self.features, self.store, self.out, self.dev = cfg, features, store, out, dev
+    def __init__(self, cfg, features, store, out, eng: engine.Engine, generator, discriminator, losses, g_opt,
+                 d_opt):
+        self.cfg, self.features, self.store, self.out, self.dev = cfg, features, store, out, eng.dev
         self.G, self.D, self.losses, self.g_opt, self.d_opt = generator, discriminator, losses, g_opt, d_opt
-        self.ctx = ctx
+        self.eng, self.ctx = eng, eng.ctx
+        ctx, dev = eng.ctx, eng.dev
         self.G_train, self.D_train = generator, discriminator
         if ctx.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -373,7 +307,7 @@ class _Run:
             self.G_train = DDP(generator, device_ids=ids, forward_sync_buffers=False)
             self.D_train = DDP(discriminator, device_ids=ids, forward_sync_buffers=False)
 
-    def generator_step(self, mel: torch.Tensor, wav: torch.Tensor, step: int) -> tuple[dict[str, float], torch.Tensor]:
+    def generator_step(self, mel: torch.Tensor, wav: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         lc, L = self.cfg.loss, self.losses
         wav_hat, bands_hat = self.G_train(mel, return_subbands=True)  # (B, T), (B, subbands, T / subbands)
         terms: dict[str, torch.Tensor] = {}
@@ -406,7 +340,7 @@ class _Run:
             loss = loss + lc.adversarial * adv
         terms["generator"] = loss
         _update(self.g_opt, self.cfg.generator_optimizer, step, loss, self.G.parameters())
-        return {k: float(v.detach()) for k, v in terms.items()}, wav_hat.detach()
+        return {k: v.detach() for k, v in terms.items()}, wav_hat.detach()
 
     def discriminator_step(self, mel: torch.Tensor, wav: torch.Tensor, wav_hat: torch.Tensor, step: int):
         if self.cfg.train.recompute_after_generator_update:
@@ -415,20 +349,7 @@ class _Run:
         real_loss, fake_loss = self.losses.dis_adv(self.D_train(wav_hat[:, None]), self.D_train(wav[:, None]))
         loss = real_loss + fake_loss
         _update(self.d_opt, self.cfg.discriminator_optimizer, step, loss, self.D.parameters())
-        return {"real": float(real_loss.detach()), "fake": float(fake_loss.detach()), "discriminator": float(loss.detach())}
-
-    def agree(self, row: dict[str, float], signum: int | None) -> tuple[dict[str, float], bool, int | None]:
-        """One all-reduce per step: whether any rank's loss is non-finite or any rank was signalled, and the
-        loss terms averaged over ranks (the global-batch means that are logged). Identity in one process."""
-        bad = not all(math.isfinite(v) for v in row.values())
-        if self.ctx.world == 1:
-            return row, bad, signum
-        keys = sorted(row)
-        flags = [float(bad), float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
-        total = distributed.sum_all(torch.tensor(flags + [row[k] for k in keys], dtype=torch.float64,
-                                                 device=self.dev)).tolist()
-        agreed = signal.SIGTERM if total[2] > 0 else signal.SIGINT if total[1] > 0 else None
-        return {k: v / self.ctx.world for k, v in zip(keys, total[3:])}, total[0] > 0, agreed
+        return {"real": real_loss.detach(), "fake": fake_loss.detach(), "discriminator": loss.detach()}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -450,14 +371,13 @@ class _Run:
 
     def save(self, step: int) -> Path:
         """All ranks call this (their RNG streams are gathered); rank 0 writes the checkpoint."""
-        rngs = gather_rng_states(self.ctx)
+        rngs = self.eng.rng_states()
         path = self.out / f"checkpoint-{step}.pt"
         if self.ctx.is_main:
             state = {"format": CHECKPOINT_FORMAT, "version": 1, "step": step, "config": to_dict(self.cfg),
                      "features": to_dict(self.features), "generator": self.G.state_dict(),
                      "discriminator": self.D.state_dict(), "generator_optimizer": self.g_opt.state_dict(),
-                     "discriminator_optimizer": self.d_opt.state_dict(), "rng": rngs[0],
-                     **({"rng_ranks": rngs} if self.ctx.world > 1 else {})}
+                     "discriminator_optimizer": self.d_opt.state_dict(), **rngs}
             path = checkpoint.save_step(state, self.out, step, self.cfg.train.keep_last)
         return path
 
@@ -466,62 +386,61 @@ class _Run:
         tc, ctx = self.cfg.train, self.ctx
         data = crop_batches(self.store, entries, tc.batch_size, tc.batch_frames, tc.seed, tc.cache_mb,
                             ctx.rank, ctx.world)
-        loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(step, tc.steps),
-                                             num_workers=tc.num_workers, generator=torch.Generator(),
-                                             pin_memory=self.dev.type == "cuda")
-        start_step, started, last_ckpt, sums, count = step, time.perf_counter(), None, {}, 0
-        last: dict[str, float] = {}
-        eval_mel, interrupted = None, None
+        start_step, started, last_ckpt = step, time.perf_counter(), None
+        meter, last, eval_mel = engine.Meter(ctx), {}, None
         self.G.train(), self.D.train()
-        progress = Progress(TextColumn("vocoder"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
-                            disable=quiet)
-        with StopSignals() as stop, progress:  # before the writer and the loader's workers (they inherit it)
+        with engine.Stop(ctx) as stop, engine.progress("vocoder", quiet) as bar:  # before the loader's workers
             writer = SummaryWriter(str(self.out / "logs")) if ctx.is_main else None
             try:
-                task = progress.add_task("", total=tc.steps, completed=step)
-                for mel, wav in loader:
-                    mel, wav = mel.to(self.dev, non_blocking=True), wav.to(self.dev, non_blocking=True)
-                    row, wav_hat = self.generator_step(mel, wav, step)
-                    if step >= tc.discriminator_start:
-                        row.update(self.discriminator_step(mel, wav, wav_hat, step))
-                    row, bad, interrupted = self.agree(row, stop.signal)  # the same decision on every rank
-                    if bad:
-                        good = checkpoint.list_checkpoints(self.out)
-                        raise UserError(f"non-finite loss at step {step + 1} ({_describe(row)}); stopped without "
-                                        f"saving (last good checkpoint: {good[-1] if good else 'none'})")
-                    step += 1
-                    for k, v in row.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    count += 1
-                    if writer is not None and (step % tc.log_every == 0 or step == tc.steps):
-                        last = {k: v / count for k, v in sums.items()}
-                        for k, v in last.items():
-                            writer.add_scalar(f"train/{k}", v, step)
-                        writer.add_scalar("train/lr", learning_rate(self.cfg.generator_optimizer, step - 1), step)
-                        sums, count = {}, 0
-                    progress.update(task, completed=step, description=_describe(last or row))
-                    if step % tc.checkpoint_every == 0 or step == tc.steps or interrupted is not None:
-                        if ctx.is_main and tc.eval_utterances > 0 and (eval_mel := self.evaluate()) is not None:
-                            writer.add_scalar("eval/mel_loss", eval_mel, step)
-                        last_ckpt = self.save(step)
-                    if interrupted is not None:
-                        if ctx.is_main:
-                            console.print(f"stopped by signal {interrupted} at step {step}; saved {last_ckpt}")
+                task = bar.add_task("", total=tc.steps, completed=step)
+                for s, (mel, wav) in self.eng.batches(data, step, tc.steps, tc.num_workers):
+                    if stop.requested():  # before the forward: the saved state is exactly that after step s - 1
                         break
+                    row, wav_hat = self.generator_step(mel, wav, s)
+                    if s >= tc.discriminator_start:
+                        row.update(self.discriminator_step(mel, wav, wav_hat, s))
+                    step = s + 1
+                    meter.add(s, row, row["generator"] + row.get("discriminator", 0.0))
+                    log, ckpt = step % tc.log_every == 0 or step == tc.steps, step % tc.checkpoint_every == 0
+                    if log or ckpt:
+                        averaged = meter.read(step, self.out, reset=log)  # the one host sync; NaN check
+                        if log:
+                            last = averaged
+                            if writer is not None:
+                                for k, v in last.items():
+                                    writer.add_scalar(f"train/{k}", v, step)
+                                writer.add_scalar("train/lr", learning_rate(self.cfg.generator_optimizer, s), step)
+                            bar.update(task, description=_describe(last))
+                    bar.update(task, completed=step)
+                    if ckpt or step == tc.steps:
+                        eval_mel = self._checkpoint(step, writer)
+                        last_ckpt = self.out / f"checkpoint-{step}.pt"
+                if stop.signal is not None and step > start_step:
+                    meter.read(step, self.out)
+                    eval_mel = self._checkpoint(step, writer)
+                    last_ckpt = self.out / f"checkpoint-{step}.pt"
             finally:
                 if writer is not None:
                     writer.close()
-        distributed.barrier()  # rank 0 has finished writing before any rank reports
-        if last_ckpt is None and step > 0:  # nothing left to train (resumed at the end)
-            last_ckpt = checkpoint.latest(self.out)
+        if stop.signal is not None and ctx.is_main:
+            console.print(f"stopped by signal {stop.signal} at step {step}; saved {last_ckpt or 'nothing new'}")
+        if last_ckpt is None and step > 0:  # nothing left to train (resumed at the end) or stopped at once
+            last_ckpt = checkpoint.latest(self.out) if ctx.is_main else None
         elapsed = time.perf_counter() - started
         summary = {"step": step, "steps_run": step - start_step, "seconds": elapsed,
                    "checkpoint": str(last_ckpt) if last_ckpt else None, "eval_mel_loss": eval_mel,
-                   "interrupted": interrupted, **{f"loss/{k}": v for k, v in (last or {}).items()}}
+                   "interrupted": stop.signal, **{f"loss/{k}": v for k, v in (last or {}).items()}}
         if not quiet:
             _print_summary(summary, self.out)
         return summary
+
+    def _checkpoint(self, step: int, writer) -> float | None:
+        """Evaluate (rank 0) and save (all ranks take part); returns the evaluation's mel loss."""
+        eval_mel = None
+        if self.ctx.is_main and self.cfg.train.eval_utterances > 0 and (eval_mel := self.evaluate()) is not None:
+            writer.add_scalar("eval/mel_loss", eval_mel, step)
+        self.save(step)
+        return eval_mel
 
 
 def _describe(row: dict[str, float]) -> str:

@@ -49,7 +49,8 @@ def _assert_close(path_a: Path, path_b: Path) -> None:
 
 
 def test_two_processes_match_one_and_resume(store, tmp_path):
-    from sqaudio.vocoder_train import rank_seed, train_vocoder
+    from sqaudio.engine import rank_seed
+    from sqaudio.vocoder_train import train_vocoder
 
     one, two = tmp_path / "one", tmp_path / "two"
     train_vocoder(store, one, "tiny", ARGS + ["train.steps=3"], device="cpu", quiet=True)
@@ -80,19 +81,20 @@ def test_batch_size_must_divide_world_size(store, tmp_path, cli, monkeypatch):
 
 
 def test_restore_rng_takes_each_ranks_own_stream():
-    from sqaudio.vocoder_train import rank_seed, restore_rng, rng_state, seed_all
+    from sqaudio.engine import Engine, rank_seed, rng_state, seed_all
 
+    cpu = torch.device("cpu")
     with torch.random.fork_rng():
         seed_all(11)
-        saved0 = rng_state()
+        saved0 = rng_state(cpu)
         seed_all(22)
-        saved1 = rng_state()
+        saved1 = rng_state(cpu)
         state = {"rng": saved0, "rng_ranks": [saved0, saved1], "step": 7}
-        restore_rng(state, Context(rank=1, world=2), seed=5)
+        Engine(cpu, Context(rank=1, world=2), seed=5).restore_rng(state, 7)
         assert torch.equal(torch.get_rng_state(), saved1["torch"])
-        restore_rng(state, Context(rank=0, world=3), seed=5)  # another world size: rank 0 keeps the saved stream
+        Engine(cpu, Context(rank=0, world=3), seed=5).restore_rng(state, 7)  # another world size: rank 0 keeps its
         assert torch.equal(torch.get_rng_state(), saved0["torch"])
-        restore_rng(state, Context(rank=2, world=3), seed=5)  # ... the others start fresh ones
+        Engine(cpu, Context(rank=2, world=3), seed=5).restore_rng(state, 7)  # ... the others start fresh ones
         assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(rank_seed(5, 2, 7)).get_state())
         assert rank_seed(5, 1, 7) != rank_seed(5, 2, 7) != rank_seed(5, 2, 8)
 
