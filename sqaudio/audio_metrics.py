@@ -108,15 +108,22 @@ class Resynthesis:
     codes: np.ndarray     # (frames / 2,) int64 code indices
 
 
+def check_sources(entries: list[dict[str, Any]]) -> list[Path]:
+    """The source audio paths of manifest entries; a UserError names the first one missing."""
+    paths = [Path(e["source"]) for e in entries]
+    for entry, path in zip(entries, paths):
+        if not path.is_file():
+            raise UserError(f"source audio of '{entry['id']}' not found: {path} (audio metrics read the corpus the "
+                            f"features were prepared from)")
+    return paths
+
+
 @torch.no_grad()
 def resynthesize(codec, store, entry: dict[str, Any]) -> Resynthesis:
     """Encode an utterance's prepared features, decode them with its speaker, vocode to its source's length."""
     from sqaudio.features import load_audio
 
-    source = Path(entry["source"])
-    if not source.is_file():
-        raise UserError(f"source audio of '{entry['id']}' not found: {source} (audio metrics read the corpus the "
-                        f"features were prepared from)")
+    source = check_sources([entry])[0]
     wav = load_audio(source, codec.features, entry.get("offset", 0.0), entry.get("duration"))
     if len(wav) // codec.features.hop_length + 1 != entry["frames"]:
         raise UserError(f"{source} no longer matches its prepared features in {store.root} (run prepare again)")
@@ -140,9 +147,12 @@ def evaluate_audio(model: str | Path, data: str | Path, split: str = "test", eva
     from sqaudio.evaluate import speech_entries
     from sqaudio.store import open_store
 
+    if data is None:
+        raise UserError("audio metrics need --data FEATURES_DIR (the output of `sqaudio prepare`)")
     codec = Codec(model, vocoder, device)
     store = open_store(data)
     entries, _ = speech_entries(store, codec.features, codec.speakers, split, eval_list)
+    check_sources(entries)
     rows = []
     with Progress(console=Console(stderr=True), disable=quiet) as progress:
         task = progress.add_task(f"audio metrics ({vocoder})", total=len(entries))

@@ -124,11 +124,13 @@ def evaluate(
 
     check_free([p for p in (json_path, grid) if p is not None], overwrite)
     result_path(model if model.is_dir() else model.parent, split, eval_list)  # refuse a clash before evaluating
-    result = run_evaluation(model, data, split, str(eval_list) if eval_list else None, device, str(grid) if grid else None)
+    audio_result = {}
     if audio:
         from sqaudio.audio_metrics import evaluate_audio
 
-        result.update(evaluate_audio(model, data, split, str(eval_list) if eval_list else None, vocoder, device))
+        audio_result = evaluate_audio(model, data, split, str(eval_list) if eval_list else None, vocoder, device)
+    result = run_evaluation(model, data, split, str(eval_list) if eval_list else None, device, str(grid) if grid else None)
+    result.update(audio_result)
     print_table({model.name: result}, f"evaluation ({f'list {eval_list.name}' if eval_list else split})")
     run_dir = model if model.is_dir() else model.parent
     _say_wrote("result (kept with the run)", save_result(run_dir, result))

@@ -118,22 +118,27 @@ def build_report(runs: list[Path], data: Path | None, out: Path, vocoder: str = 
 
 def _speech(pages: list[RunPage], data: Path, out: Path, vocoder: str, n: int, split: str, device, quiet) -> dict:
     """Evaluate each run (mel-MSE pass and audio pass); write players, mels and code strips of the chosen ones."""
-    from sqaudio.audio_metrics import evaluate_audio
+    from sqaudio.audio_metrics import check_sources, evaluate_audio
     from sqaudio.codec import write_wav
-    from sqaudio.evaluate import CodeUsage, evaluate
+    from sqaudio.config import FeatureConfig, from_dict
+    from sqaudio.evaluate import CodeUsage, evaluate, speech_entries
     from sqaudio.plots import plot_mels
     from sqaudio.store import open_store
+    from sqaudio.vocoder import load_vocoder
 
     store = open_store(data)
-    speakers = [set(checkpoint.load(checkpoint.latest(p.path))["speakers"]) for p in pages]
-    common = [e for e in store.split(split) if all(e["speaker"] in s for s in speakers) and e["frames"] >= 8]
+    load_vocoder(vocoder, "cpu").check_compatible(store.features)
+    per_run = [speech_entries(store, from_dict(FeatureConfig, p.recipe["features"], "features"),
+                              checkpoint.load(checkpoint.latest(p.path))["speakers"], split)[0] for p in pages]
+    check_sources([e for entries in per_run for e in entries])  # every problem is found before any work starts
+    shared = set.intersection(*({e["id"] for e in entries} for entries in per_run))
+    common = [e for e in per_run[0] if e["id"] in shared]
     if not common:
         raise UserError(f"no '{split}' utterance in {data} has a speaker that every run knows")
     chosen = choose_utterances(common, n)
     ids = {e["id"]: safe_name(e["id"]) for e in chosen}
     utts: dict[str, dict[str, Any]] = {e["id"]: {"entry": e, "runs": {}} for e in chosen}
     for page in pages:
-        page.metrics = evaluate(page.path, data, split, device=device, quiet=quiet)
         usage = CodeUsage(page.recipe["quantizer"]["codebook_size"])
         rate = store.features.sample_rate
 
@@ -151,10 +156,11 @@ def _speech(pages: list[RunPage], data: Path, out: Path, vocoder: str, n: int, s
                                                     "wav": f"audio/{ids[entry['id']]}/{safe_name(page.name)}.wav",
                                                     "mel": mel_png.relative_to(out).as_posix()}
 
-        page.metrics.update(evaluate_audio(page.path, data, split, None, vocoder, device, quiet, on_utterance=keep))
+        audio = evaluate_audio(page.path, data, split, None, vocoder, device, quiet, on_utterance=keep)
+        page.metrics = {**evaluate(page.path, data, split, device=device, quiet=quiet), **audio}
         page.counts = usage.counts.numpy()
     corpus = corpus_of(store.entries)
-    return {"utterances": [u for u in utts.values()], "ids": ids, "corpus": corpus, "rate": store.features.sample_rate}
+    return {"utterances": list(utts.values()), "corpus": corpus, "rate": store.features.sample_rate}
 
 
 def _images(pages: list[RunPage], data: Path | None, out: Path, device, quiet) -> dict:
@@ -212,7 +218,8 @@ def metrics_table(pages: list[RunPage], corpus: str | None) -> str:
         if all(v is None for v in values):
             continue
         numbers = [float(v) for v in values if isinstance(v, (int, float))]
-        best = (max if better == "higher" else min)(numbers) if better and len(numbers) > 1 else None
+        distinct = better and len(numbers) > 1 and len(set(numbers)) > 1
+        best = (max if better == "higher" else min)(numbers) if distinct else None
         cells = "".join(f"<td class='{'best' if best is not None and v == best else ''}'>{_fmt(v, spec)}</td>"
                         for v in values)
         hint = f" <span class='better'>{'↑' if better == 'higher' else '↓'}</span>" if better else ""
