@@ -203,14 +203,17 @@ _SPEAKER_HELP = ("Training speaker to decode with (voice conversion). Default: t
 def _note_inputs(inputs) -> None:
     """Note on stderr: files left out of input folders."""
     if inputs.note():
-        console.print(f"note: {inputs.note()}", highlight=False)
+        console.print(f"note: {inputs.note()}", highlight=False, soft_wrap=True)
 
 
-def _note_speaker(codec, path: Path, how: str, speaker: str) -> None:
-    if how == "fallback":
+def _note_speakers(codec, fallbacks: list[Path]) -> None:
+    """One note on stderr for the inputs decoded with the first training speaker because none was named."""
+    if fallbacks:
         known = ", ".join(codec.speakers[:8]) + (", ..." if len(codec.speakers) > 8 else "")
-        console.print(f"note: {escape(str(path))}: no training speaker in its name or folder; decoding as "
-                      f"{speaker}, the first training speaker (choose with --speaker: {known})", highlight=False)
+        which = escape(str(fallbacks[0])) + (f" and {len(fallbacks) - 1} more" if len(fallbacks) > 1 else "")
+        console.print(f"note: {which}: no training speaker in the file or folder name; using speaker "
+                      f"{codec.speakers[0]}, the first training speaker (choose with --speaker: {known})",
+                      highlight=False, soft_wrap=True)
 
 
 def _long_progress(codec, path: Path, label: str):
@@ -256,9 +259,12 @@ def reconstruct(
     _note_inputs(found)
     codec = Codec(model, vocoder, device)
     table = Table("file", "speaker", "codes used", "bitrate (bit/s)", "mel-MSE (dB^2)", "output", title="reconstructed")
+    fallbacks = []
     for i, path in enumerate(found.files):
         row = _reconstruct_one(codec, path, speaker, wavs[i], plots[i] if plots else None, f"{i + 1}/{len(wavs)}")
-        table.add_row(str(found.relative[i]), *row)
+        table.add_row(str(found.relative[i]), *row[1:])
+        fallbacks += [path] if row[0] == "fallback" else []
+    _note_speakers(codec, fallbacks)
     Console().print(table)
     if plot is not None:
         _say_wrote(f"{len(plots)} mel plot(s)", plot)
@@ -269,19 +275,17 @@ def _reconstruct_one(codec, path: Path, speaker: Optional[str], target: Path, pl
     from sqaudio.plots import plot_mels
 
     console.print(f"reconstruct {label}: {escape(str(path))}", highlight=False)
+    from contextlib import nullcontext
+
     progress, step = _long_progress(codec, path, path.name)
-    if progress is not None:
-        with progress:
-            out, stats, enc, mel_hat = codec.reconstruct(path, speaker, step)
-    else:
-        out, stats, enc, mel_hat = codec.reconstruct(path, speaker)
-    _note_speaker(codec, path, enc.speaker_from, enc.speaker)
+    with progress or nullcontext():
+        out, stats, enc, mel_hat = codec.reconstruct(path, speaker, step)
     write_wav(target, out, codec.features.sample_rate)
     if plot is not None:
         plot_mels(enc.mel, mel_hat[0].cpu().numpy(), plot, title=path.name, top_db=codec.features.top_db,
                   frame_rate=codec.features.frame_rate)
-    return (stats["speaker"], f"{stats['codes_used']}/{stats['latent_frames']}", f"{stats['bitrate_bps']:.0f}",
-            f"{stats['mel_mse_db2']:.2f}", str(target))
+    return (enc.speaker_from, stats["speaker"], f"{stats['codes_used']}/{stats['latent_frames']}",
+            f"{stats['bitrate_bps']:.0f}", f"{stats['mel_mse_db2']:.2f}", str(target))
 
 
 @app.command()
@@ -305,11 +309,13 @@ def encode(
     check_free([f for name in names for f in code_files(name, fmt)], overwrite)
     _note_inputs(found)
     codec = Codec(model, None, device)
+    fallbacks = []
     for path, name in track(list(zip(found.files, names)), description="encode", console=console,
                             disable=len(names) == 1):
         enc = codec.encode(path, speaker)
-        _note_speaker(codec, path, enc.speaker_from, enc.speaker)
+        fallbacks += [path] if enc.speaker_from == "fallback" else []
         write_codes(name, codec, enc, fmt)
+    _note_speakers(codec, fallbacks)
     _say_wrote(f"codes of {len(names)} file(s) ({fmt})", output)
 
 
@@ -330,7 +336,7 @@ def decode(
     from sqaudio.codec import Codec, read_codes, write_wav
     from sqaudio.outputs import check_free, find_inputs, targets
 
-    found = find_inputs(codes, lambda p: p.suffix.lower() == ".npy", companions=(".json",))
+    found = find_inputs(codes, lambda p: p.suffix.lower() == ".npy", companions=(".json",), what="codes (.npy)")
     wavs = targets(found, output, ".wav")
     check_free(wavs, overwrite)
     _note_inputs(found)

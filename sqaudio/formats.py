@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf")
 UNSUPPORTED_AUDIO = (".m4a", ".aac", ".wma", ".mp4", ".webm", ".amr", ".ape", ".wv", ".mka")
@@ -30,28 +31,31 @@ def unsupported_reason(path: Path) -> str | None:
     return None
 
 
-def scan(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path], Counter]:
-    """(audio files, unsupported audio files, ignored-file counts by kind) below `folder`, sorted.
+def scan(folder: Path, recursive: bool = False, accept: Callable[[Path], bool] = is_audio,
+         companions: tuple[str, ...] = ()) -> tuple[list[Path], list[Path], Counter]:
+    """(accepted files, unsupported audio files, ignored-file counts by kind) below `folder`, sorted.
 
-    Hidden files and folders (e.g. macOS `._x.wav`) are ignored, counted as "hidden"."""
-    audio, unsupported, ignored = [], [], Counter()
+    Hidden files and folders (e.g. macOS `._x.wav`) are ignored, counted as "hidden"; files with a
+    `companions` suffix (the .json next to codes) are neither accepted nor counted."""
+    accepted, unsupported, ignored = [], [], Counter()
     for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
-        if not path.is_file():
+        if not path.is_file() or path.suffix.lower() in companions:
             continue
         if is_hidden(path, folder):
             ignored["hidden"] += 1
-        elif is_audio(path):
-            audio.append(path)
+        elif accept(path):
+            accepted.append(path)
         elif unsupported_reason(path):
             unsupported.append(path)
         else:
             ignored[path.suffix.lower() or "no suffix"] += 1
-    return audio, unsupported, ignored
+    return accepted, unsupported, ignored
 
 
-def ignored_note(ignored: Counter) -> str:
-    """One line about files left out because they are not audio ('' when none)."""
+def ignored_note(ignored: Counter, what: str = "audio") -> str:
+    """One line about files left out because they are not `what` ('' when none)."""
     if not ignored:
         return ""
     kinds = ", ".join(f"{kind} x{n}" for kind, n in ignored.most_common(4)) + (", ..." if len(ignored) > 4 else "")
-    return f"ignored {sum(ignored.values())} file(s) that are not audio ({kinds}); audio is {ACCEPTED}"
+    accepted = f"; audio is {ACCEPTED}" if what == "audio" else ""
+    return f"ignored {sum(ignored.values())} file(s) that are not {what} ({kinds}){accepted}"

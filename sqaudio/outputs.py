@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from sqaudio.errors import UserError
-from sqaudio.formats import AUDIO_SUFFIXES, ignored_note, is_audio, is_hidden
+from sqaudio.formats import AUDIO_SUFFIXES, ignored_note, is_audio, scan, unsupported_reason
 
 FILE_TYPES = set(AUDIO_SUFFIXES) | {".png", ".pdf", ".svg", ".npy", ".json", ".txt", ".pt"}
 
@@ -31,35 +31,36 @@ class Inputs:
     files: list[Path]
     relative: list[Path]
     ignored: Counter
+    what: str = "audio"
 
     def note(self) -> str:
-        return ignored_note(self.ignored)
+        return ignored_note(self.ignored, self.what)
 
 
-def find_inputs(paths: list[Path], accept: Callable[[Path], bool] = is_audio,
-                companions: tuple[str, ...] = ()) -> Inputs:
-    """Files, and the accepted files inside folders (recursive, sorted); `companions` suffixes are not counted."""
+def find_inputs(paths: list[Path], accept: Callable[[Path], bool] = is_audio, companions: tuple[str, ...] = (),
+                what: str = "audio") -> Inputs:
+    """Files, and the accepted files inside folders (recursive, sorted; the `sqaudio.formats` rule). Unsupported
+    audio formats are refused when named and counted when met in a folder, like any other file left out."""
     files, ignored = [], Counter()
     for path in paths:
         if path.is_dir():
-            for p in sorted(path.rglob("*")):
-                if not p.is_file() or p.suffix.lower() in companions:
-                    continue
-                if accept(p) and not is_hidden(p, path):
-                    files.append(p)
-                else:
-                    ignored["hidden" if is_hidden(p, path) else p.suffix.lower() or "no suffix"] += 1
+            found, unsupported, left_out = scan(path, True, accept, companions)
+            files += found
+            ignored.update(left_out)
+            ignored.update(f"{p.suffix.lower()} (unsupported audio)" for p in unsupported)
         elif path.is_file():
+            if why := unsupported_reason(path):
+                raise UserError(f"{path}: {why}")
             files.append(path)
         else:
             raise UserError(f"input not found: {path}")
     files = list(dict.fromkeys(files))  # the same file named twice is one input
     if not files:
-        note = f"; {ignored_note(ignored)}" if ignored else ""
+        note = f"; {ignored_note(ignored, what)}" if ignored else ""
         raise UserError(f"no input files in {', '.join(map(str, paths))}{note}")
     roots = [str(p.absolute() if p.is_dir() else p.absolute().parent) for p in paths]
     base = Path(os.path.commonpath(roots))
-    return Inputs(files, [f.absolute().relative_to(base) for f in files], ignored)
+    return Inputs(files, [f.absolute().relative_to(base) for f in files], ignored, what)
 
 
 def targets(inputs: Inputs, output: Path, suffix: str, flag: str = "-o", file_ok: bool = True) -> list[Path]:

@@ -160,12 +160,12 @@ def test_fallback_speaker_is_announced(cli, tiny_model, tmp_path):
     src = _wav(tmp_path / "speech.wav")
     result = cli("reconstruct", src, "-o", tmp_path / "o.wav", "--model", tiny_model)
     assert result.exit_code == 0
-    assert "decoding as spk0" in result.stderr and "--speaker" in result.stderr
+    assert "using speaker spk0" in result.stderr and "--speaker" in result.stderr
     named = _wav(tmp_path / "spk1_001.wav")
     result = cli("reconstruct", named, "-o", tmp_path / "n.wav", "--model", tiny_model)
-    assert result.exit_code == 0 and "decoding as" not in result.output and "spk1" in result.stdout
+    assert result.exit_code == 0 and "using speaker" not in result.output and "spk1" in result.stdout
     result = cli("encode", src, "-o", tmp_path / "codes", "--model", tiny_model)
-    assert "decoding as spk0" in result.stderr
+    assert "using speaker spk0" in result.stderr
     assert json.loads((tmp_path / "codes/speech.json").read_text())["speaker"] == "spk0"
     assert "--speaker" in cli("reconstruct", "--help").stdout
 
