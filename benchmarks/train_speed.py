@@ -1,87 +1,180 @@
-"""Training steps per second and peak memory of the reference-size speech model on this machine.
+"""Training steps per second of the reference recipe through the engine's DataLoader, against the same model
+on a batch already on the device; the data path's share of a step; host syncs per steady-state step.
 
-Each configuration runs in its own process (so peak RSS is its own): SQ-VAE I, SQ-VAE IV and VQ-VAE-EMA
-in paper crop mode (batch 52, 32 + 2 frames, 768 channels), and SQ-VAE IV in whole-utterance mode
-(batch 16 utterances of 2-6 s, length-bucketed, masked). Synthetic log-mels; the model and loop are real.
+The step is the trainer's own (`sqaudio.train._Run.train_step`: autocast, keyed noise, backward, clip, Adam,
+on-device statistics); batches come from a prepared store through `Engine.batches` (workers, pinned memory,
+non-blocking copies). Without --data a synthetic store in the real format is written to a temporary folder
+(random log-mels; the loader reads .npy files exactly as from `sqaudio prepare`).
 
-    .venv/bin/python benchmarks/train_speed.py [--steps 5] [--threads 2]
+Host syncs are counted two ways: every read of a tensor's value into Python (`item`, `tolist`, `__bool__`,
+`__float__`, `__int__`, `__index__`, `numpy`, `cpu`, `.to(cpu)` are wrapped and counted; on a CPU run these
+are the reads that would block on an accelerator) and, on CUDA, the synchronisations CUDA itself reports
+(`torch.cuda.set_sync_debug_mode("warn")`, one warning per sync).
+
+    .venv/bin/python benchmarks/train_speed.py [--steps 20] [--workers 2] [--device cpu] [--amp none]
+    python3 benchmarks/train_speed.py --device cuda --amp bf16 --steps 300 --json $OUT/train_speed.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
+import os
 import sys
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
-CONFIGS = {
-    "SQ-VAE I (crop)": ["quantizer.variant=1"],
-    "SQ-VAE IV (crop)": ["quantizer.variant=4"],
-    "VQ-VAE-EMA (crop)": ["quantizer.kind=vq_ema"],
-    "SQ-VAE IV (utterance)": ["quantizer.variant=4", "data.mode=utterance", "data.batch_size=16"],
-}
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def worker(overrides: list[str], steps: int, threads: int) -> dict:
+def synthetic_store(root: Path, n_speakers: int = 10, n_utts: int = 30, frames: tuple[int, int] = (150, 600),
+                    seed: int = 0) -> Path:
+    """A prepared store (manifest, feature_config.json, speakers.json, features/*.npy) of random log-mels."""
+    from sqaudio.config import FeatureConfig
+    from sqaudio.store import feature_config_json
+
+    rng = np.random.default_rng(seed)
+    cfg, lines = FeatureConfig(), []
+    speakers = [f"s{i:03d}" for i in range(n_speakers)]
+    for spk in speakers:
+        for u in range(n_utts):
+            n = int(rng.integers(*frames))
+            rel = f"features/train/{spk}/{spk}_{u}.npy"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            np.save(root / rel, rng.random((cfg.n_mels, n), dtype=np.float32))
+            lines.append({"id": f"{spk}_{u}", "speaker": spk, "split": "train", "source": f"/synthetic/{spk}_{u}.wav",
+                          "features": rel, "frames": n, "duration_s": n / cfg.frame_rate})
+    (root / "feature_config.json").write_text(feature_config_json(cfg))
+    (root / "speakers.json").write_text(json.dumps(speakers))
+    (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+class SyncCounter:
+    """Counts reads of tensor values into Python (and CUDA's own sync reports) while active."""
+
+    READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.reads, self.cuda_syncs, self._saved = cuda, 0, 0, {}
+
+    def __enter__(self):
+        import torch
+
+        for name in self.READS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def counted(t, *a, _f=original, **k):
+                self.reads += 1
+                return _f(t, *a, **k)
+            setattr(torch.Tensor, name, counted)
+        if self.cuda:
+            self._warnings = warnings.catch_warnings(record=True)
+            self._log = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode(0)
+            self.cuda_syncs = sum("synchroniz" in str(w.message) for w in self._log)
+            self._warnings.__exit__(*exc)
+
+
+def measure(args) -> dict:
     import torch
 
+    from sqaudio import engine
     from sqaudio.config import load_recipe
+    from sqaudio.distributed import Context
     from sqaudio.sqvae import build_model
-    from sqaudio.train import build_optimizer
+    from sqaudio.train import _Run, build_optimizer, load_training_data
 
-    torch.set_num_threads(threads)
-    recipe = load_recipe("vctk/sqvae_gauss4", ["model.speech.n_speakers=100", *overrides])
-    model = build_model(recipe).train()
-    opt, _ = build_optimizer(model, recipe)
-    g = torch.Generator().manual_seed(0)
-    b = recipe.data.batch_size
-    if recipe.data.mode == "crop":
-        batch = {"mel": torch.rand(b, 80, recipe.data.sample_frames + 2, generator=g),
-                 "speaker": torch.randint(0, 100, (b,), generator=g)}
-    else:
-        lengths = torch.randint(200, 600, (b,), generator=g)
-        batch = {"mel": torch.rand(b, 80, int(lengths.max()), generator=g), "lengths": lengths,
-                 "speaker": torch.randint(0, 100, (b,), generator=g)}
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    overrides = [f"train.amp={args.amp}", "model.speech.n_speakers=0", *args.set]
+    if args.workers is not None:
+        overrides.append(f"data.num_workers={args.workers}")
+    recipe = load_recipe(args.recipe, overrides)
+    td = load_training_data(recipe, args.data)
+    import dataclasses
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, speech=dataclasses.replace(
+        recipe.model.speech, n_speakers=len(td.speakers))))
+    eng = engine.Engine(dev, Context(), recipe.train.seed)
+    model = build_model(recipe).to(dev).train()
+    opt, sched = build_optimizer(model, recipe)
+    run = _Run(eng, model, model, opt, sched, td, recipe, Path(tempfile.gettempdir()))
+    scaler = torch.amp.GradScaler(dev.type, enabled=recipe.train.amp == "fp16" and dev.type == "cuda")
+    meter = engine.Meter(eng.ctx)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    warm, steps = args.warmup, args.steps
 
-    def step():
-        out = model(batch, temperature=1.0)
-        opt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    def loop(batches, count: SyncCounter | None = None) -> float:
+        start = None
+        for s, batch in batches:
+            if s == warm:
+                sync()
+                start = time.perf_counter()
+                if count is not None:
+                    count.__enter__()
+            loss, values = run.train_step(s, batch, scaler)
+            meter.add(s, values, loss)
+        sync()
+        if count is not None:
+            count.__exit__(None, None, None)
+        elapsed = time.perf_counter() - start
+        meter.read(warm + steps, Path(tempfile.gettempdir()))
+        return steps / elapsed
 
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"steps_per_s": steps / elapsed, "peak_rss_mb": peak / 1024, "train_rss_growth_mb": (peak - base) / 1024,
-            "frames_per_step": int(batch["mel"].shape[0] * batch["mel"].shape[-1])}
+    counter = SyncCounter(dev.type == "cuda")
+    loader_rate = loop(eng.batches(td.batches, 0, warm + steps, recipe.data.num_workers), counter)
+    fixed = engine._to(td.batches[0], dev)
+    memory_rate = loop((s, fixed) for s in range(warm + steps))
+    return {"recipe": recipe.name, "device": str(dev), "amp": recipe.train.amp if dev.type == "cuda" else "none (cpu)",
+            "batch_size": recipe.data.batch_size, "frames": recipe.data.sample_frames + 2,
+            "workers": recipe.data.num_workers, "threads": args.threads, "steps": steps,
+            "loader_steps_per_s": loader_rate, "in_memory_steps_per_s": memory_rate,
+            "data_path_share": 1.0 - loader_rate / memory_rate,
+            "python_reads_per_step": counter.reads / steps,
+            "cuda_syncs_per_step": counter.cuda_syncs / steps if dev.type == "cuda" else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", default="vctk/sqvae_gauss4")
+    parser.add_argument("--data", type=Path, help="a prepared store (default: a synthetic one)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="bf16", help="none|bf16|fp16 (applies on CUDA only)")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: the recipe's)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], help="extra recipe override")
+    parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker), args.steps, args.threads)))
-        return
-    print(f"reference-size speech SQ-VAE on CPU, {args.threads} threads, {args.steps} timed steps")
-    print(f"{'configuration':<24} {'steps/s':>8} {'frames/s':>9} {'peak RSS MB':>12} {'train growth MB':>16}")
-    results = {}
-    for name, overrides in CONFIGS.items():
-        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(overrides), "--steps", str(args.steps),
-                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
-        r = results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name:<24} {r['steps_per_s']:>8.3f} {r['steps_per_s'] * r['frames_per_step']:>9.0f} "
-              f"{r['peak_rss_mb']:>12.0f} {r['train_rss_growth_mb']:>16.0f}")
-    ref = results["SQ-VAE IV (crop)"]["steps_per_s"]
-    print("speed ratio vs SQ-VAE IV crop: " + ", ".join(f"{n}: {r['steps_per_s'] / ref:.2f}x" for n, r in results.items()))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data is None:
+            args.data = synthetic_store(Path(tmp) / "store")
+        result = measure(args)
+    print(f"{result['recipe']} on {result['device']} (amp {result['amp']}), batch {result['batch_size']} x "
+          f"{result['frames']} frames, {result['workers']} workers, {result['threads']} threads, {args.steps} steps")
+    print(f"  through the DataLoader: {result['loader_steps_per_s']:.2f} steps/s")
+    print(f"  batch already in memory: {result['in_memory_steps_per_s']:.2f} steps/s")
+    print(f"  data path share of a step: {100 * result['data_path_share']:.1f}%")
+    print(f"  tensor reads into Python per steady-state step: {result['python_reads_per_step']:.2f}")
+    if result["cuda_syncs_per_step"] is not None:
+        print(f"  CUDA synchronisations per steady-state step: {result['cuda_syncs_per_step']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,11 @@ class SpeechItems:
 
     def item(self, i: int, g: torch.Generator | None = None, frames: int | None = None) -> dict[str, Tensor]:
         entry = self.entries[i]
-        mel = np.load(self.store.root / entry["features"], mmap_mode="r")
+        path = self.store.root / entry["features"]
+        try:
+            mel = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as err:
+            raise UserError(f"cannot read features {path} (entry {entry.get('id')}): {err}; re-run prepare") from None
         total = mel.shape[-1]
         if frames is not None and total > frames:
             # the reference draws start in [0, total - frames - 1]
@@ -101,6 +105,10 @@ class StepBatches(Dataset):
             out.append(int(_permutation(self.n_items, self.seed, epoch)[pos]))
         return out
 
+    def global_size(self, step: int) -> int:
+        """Items in step's global batch (utterance buckets differ in size)."""
+        return len(self.indices(step)) if self.buckets else self.batch_size
+
     def __len__(self) -> int:
         return 2**62
 
@@ -152,8 +160,13 @@ def speech_batches(store: Store, cfg: DataConfig, speakers: list[str], seed: int
         usable = [e for e in train if e["frames"] >= 6]
         if not usable:
             raise UserError("no training utterance is long enough (at least 6 frames)")
+        if len(usable) < world:
+            raise UserError(f"utterance mode on {world} processes needs at least {world} training utterances "
+                            f"(found {len(usable)})")
         items = SpeechItems(store, usable, speakers)
         buckets = length_buckets([e["frames"] for e in usable], cfg.batch_size, cfg.max_frames)
+        if len(buckets) > 1 and len(buckets[-1]) < cfg.batch_size:  # the short remainder joins its neighbour,
+            buckets[-2:] = [buckets[-2] + buckets[-1]]                 # whatever the number of processes
         fetch = lambda pairs: collate_speech([items.item(i, g, cfg.max_frames) for i, g in pairs], with_lengths=True)  # noqa: E731
         return StepBatches(len(items), cfg.batch_size, seed, fetch, buckets=buckets, rank=rank, world=world)
     raise UserError(f"unknown data.mode '{cfg.mode}' (valid: crop, utterance)")

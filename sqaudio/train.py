@@ -134,8 +134,8 @@ def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = Fals
             sched.load_state_dict(state["scheduler"])
             step = int(state["step"])
             eng.restore_rng(state, step)
-            if ctx.is_main and not quiet:
-                console.print(f"resuming {out} from step {step} (checkpoint-{step}.pt) to step {total}")
+            if ctx.is_main:  # even with --quiet: where a run continues is never a guess
+                console.print(f"resuming from step {step} to step {total} ({out})", soft_wrap=True)
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_stale_temporaries(out)
@@ -187,13 +187,19 @@ class _Run:
             result = self.net(batch, temperature=tau)
         loss = result.loss
         self.opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss * self._share(step, batch)).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         scaler.step(self.opt)
         scaler.update()
         return loss, {"loss": loss, **result.losses, **result.stats}
+
+    def _share(self, step: int, batch: dict[str, torch.Tensor]) -> float:
+        """W * (this rank's items) / (global batch): DDP's gradient average then weighs every item alike when
+        the slices differ in size (a bucket that does not split evenly); 1 for even slices."""
+        local = next(iter(batch.values())).shape[0]
+        return self.eng.ctx.world * local / self.td.batches.global_size(step)
 
     def loop(self, step: int, total: int, quiet: bool) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
@@ -230,7 +236,7 @@ class _Run:
                     writer.close()
         if stop.signal is not None:
             if ctx.is_main:
-                console.print(f"interrupted: saved checkpoint at step {step} in {self.out}; continue with --resume")
+                console.print(f"interrupted: saved checkpoint at step {step} in {self.out}; continue with --resume", soft_wrap=True)
         elif ctx.is_main:
             _finish(self.out, last, quiet)
         return {**last, "step": step, "interrupted": stop.signal}

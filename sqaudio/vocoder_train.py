@@ -268,8 +268,8 @@ def train_vocoder(features_dir: str | Path, out_dir: str | Path, recipe: str | P
             d_opt.load_state_dict(state["discriminator_optimizer"])
             step = int(state["step"])
             eng.restore_rng(state, step)
-            if eng.ctx.is_main and not quiet:
-                console.print(f"resuming {out} from step {step} (checkpoint-{step}.pt) to step {tc.steps}")
+            if eng.ctx.is_main:  # even with --quiet: where a run continues is never a guess
+                console.print(f"resuming from step {step} to step {tc.steps} ({out})", soft_wrap=True)
         if eng.ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_stale_temporaries(out)
@@ -423,7 +423,7 @@ class _Run:
                 if writer is not None:
                     writer.close()
         if stop.signal is not None and ctx.is_main:
-            console.print(f"stopped by signal {stop.signal} at step {step}; saved {last_ckpt or 'nothing new'}")
+            console.print(f"stopped by signal {stop.signal} at step {step}; saved {last_ckpt or 'nothing new'}", soft_wrap=True)
         if last_ckpt is None and step > 0:  # nothing left to train (resumed at the end) or stopped at once
             last_ckpt = checkpoint.latest(self.out) if ctx.is_main else None
         elapsed = time.perf_counter() - started

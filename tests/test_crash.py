@@ -36,12 +36,13 @@ def test_sigterm_or_ctrl_c_saves_and_resume_finishes(tiny_store, tmp_path, signu
     _wait_for_checkpoint(out, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signum, err  # a script running `train && evaluate` must not carry on
     assert "saved checkpoint" in err
     step = checkpoint.load(checkpoint.latest(out))["step"]
     assert step >= 1
     done = _start(tiny_store, out, step + 2, "--resume")
     assert done.wait(timeout=120) == 0
+    assert f"from step {step}" in done.stderr.read()  # --resume says where it continues
     assert checkpoint.load(checkpoint.latest(out))["step"] == step + 2
 
 
