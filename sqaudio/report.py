@@ -217,11 +217,11 @@ def metrics_table(pages: list[RunPage], corpus: str | None) -> str:
         values = [p.metrics.get(key) for p in pages]
         if all(v is None for v in values):
             continue
-        numbers = [float(v) for v in values if isinstance(v, (int, float))]
-        distinct = better and len(numbers) > 1 and len(set(numbers)) > 1
-        best = (max if better == "higher" else min)(numbers) if distinct else None
-        cells = "".join(f"<td class='{'best' if best is not None and v == best else ''}'>{_fmt(v, spec)}</td>"
-                        for v in values)
+        shown = [_fmt(v, spec) for v in values]
+        numbers = [(float(v), text) for v, text in zip(values, shown) if isinstance(v, (int, float))]
+        distinct = better and len(numbers) > 1 and len({text for _, text in numbers}) > 1
+        best = (max if better == "higher" else min)(numbers)[1] if distinct else None
+        cells = "".join(f"<td class='{'best' if text == best else ''}'>{text}</td>" for text in shown)
         hint = f" <span class='better'>{'↑' if better == 'higher' else '↓'}</span>" if better else ""
         rows.append(f"<tr><th scope='row'>{_e(label)}{hint}</th>{cells}</tr>")
         if key == "mel_mse_db2" and corpus:
@@ -272,14 +272,19 @@ def _run_section(p: RunPage) -> str:
     settings += f"<tr><th>trained steps</th><td>{_fmt(p.metrics.get('step'), ',d')}</td></tr>"
     config = p.path / "config.yaml"
     full = config.read_text() if config.is_file() else json.dumps(p.recipe, indent=2)
-    figures = "".join(f"<figure><img src='{_e(src)}' alt='{_e(cap)} of {_e(p.name)}' loading='eager'>"
-                      f"<figcaption>{_e(cap)}</figcaption></figure>" for cap, src in p.images.items())
+    figures = "".join(f"<figure class='{'' if 'codes_' in src else 'wide'}'><img src='{_e(src)}' alt='{_e(cap)} of "
+                      f"{_e(p.name)}' loading='eager'><figcaption>{_e(cap)}</figcaption></figure>"
+                      for cap, src in p.images.items())
     return (f"<section class='run'><h3>{_e(p.name)}</h3><p class='small path'>{_e(p.path.absolute())}</p>"
             f"<div class='runrow'><table class='settings'>{settings}</table><div class='figs'>{figures}</div></div>"
             f"<details><summary>full training configuration</summary><pre>{_e(full)}</pre></details></section>")
 
 
 def _get(d: dict, path: tuple[str, ...]) -> Any:
+    if path == ("quantizer", "variant"):  # only Gaussian SQ has variants (I-IV)
+        q = d.get("quantizer", {})
+        return ("I", "II", "III", "IV")[q["variant"] - 1] if q.get("kind") == "gaussian" and 1 <= q.get(
+            "variant", 0) <= 4 else "–"
     for key in path:
         d = d.get(key, {}) if isinstance(d, dict) else {}
     return "–" if d == {} else d

@@ -145,29 +145,51 @@ def _wait(driver, script: str, seconds: float = 20.0):
     return value
 
 
-def test_page_in_headless_chromium(report_dir):
+def check_in_browser(page_dir: Path, runs: int, players: int, min_images: int) -> None:
+    """Open page_dir/index.html in headless Chromium: every player loads with its file's duration, every image
+    loads, the table has one column per run, the console has no error; save screenshot.png beside the page."""
     driver = _browser()
     try:
-        driver.get((report_dir / "index.html").as_uri())
+        driver.get((page_dir / "index.html").as_uri())
         assert _wait(driver, "return [...document.querySelectorAll('audio')].every(a => a.readyState >= 1 || a.error)")
         audio = driver.execute_script("return [...document.querySelectorAll('audio')].map(a => "
                                       "[a.getAttribute('src'), a.duration, a.error && a.error.code])")
-        assert len(audio) == 9
+        assert len(audio) == players
         for src, duration, error in audio:
-            info = sf.info(report_dir / src)
+            info = sf.info(page_dir / src)
             assert error is None and duration > 0, (src, error)
             assert duration == pytest.approx(info.frames / info.samplerate, abs=2e-3), src
         assert _wait(driver, "return [...document.images].every(i => i.complete)")
         images = driver.execute_script("return [...document.images].map(i => [i.getAttribute('src'), i.naturalWidth])")
-        assert len(images) >= 3 * 2 + 2 * 2 and all(width > 0 for _, width in images), images
+        assert len(images) >= min_images and all(width > 0 for _, width in images), images
         header = driver.execute_script("return [...document.querySelectorAll('table.metrics thead th')].length")
         cells = driver.execute_script("return [...document.querySelectorAll('table.metrics tbody tr')]"
                                       ".map(r => r.querySelectorAll('td').length)")
-        assert header == 1 + 2 and cells and set(cells) == {2}
+        assert header == 1 + runs and cells and set(cells) == {runs}
         height = driver.execute_script("return document.body.scrollHeight")
         driver.set_window_size(1400, min(height + 100, 8000))
-        driver.save_screenshot(str(report_dir / "screenshot.png"))
+        driver.save_screenshot(str(page_dir / "screenshot.png"))
         errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_speech_page_in_headless_chromium(report_dir):
+    check_in_browser(report_dir, runs=2, players=3 * 3, min_images=3 * 2 + 2 * 2)
+
+
+def test_image_runs_get_grids(cli, tmp_path):
+    from test_images import mnist_arrays, write_idx_tree
+
+    root = tmp_path / "data"
+    write_idx_tree(root / "MNIST" / "raw", mnist_arrays())
+    tiny = ["--set", "train.epochs=0", "--set", "train.steps=2", "--set", "data.batch_size=4",
+            "--set", "model.vision.channels=8", "--quiet", "--device", "cpu"]
+    for name, recipe in (("sq", "mnist/sqvae_gauss1"), ("vq", "mnist/vqvae_ema")):
+        assert cli("train", recipe, "--data", root, "--out", tmp_path / name, *tiny).exit_code == 0
+    result = cli("report", tmp_path / "sq", tmp_path / "vq", "--data", root, "--out", tmp_path / "page", "--quiet")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert "<audio" not in page and page.count("img/grid_") == 2 and "image MSE" in page
+    check_in_browser(tmp_path / "page", runs=2, players=0, min_images=2 * 2)
