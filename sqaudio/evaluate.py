@@ -225,7 +225,8 @@ def run_names(paths: list[Path]) -> list[str]:
 def print_table(rows: dict[str, dict[str, Any]], title: str) -> Table:
     """Side-by-side table: one column per run."""
     keys = ["mel_mse_db2", "mse_x1e3", "accuracy", "miou", "perplexity", "used_codes", "code_entropy_bits",
-            "bitrate_bps", "utterances", "images", "frames", "step"]
+            "bitrate_bps", "pesq_wb", "stoi", "estoi", "si_sdr_db", "mel_distance_db2", "utterances", "images",
+            "frames", "step"]
     table = Table(title=title)
     table.add_column("metric")
     for name in rows:
