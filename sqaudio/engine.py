@@ -261,11 +261,13 @@ def _quiet_worker(_: int) -> None:
 
 
 def set_deterministic(on: bool) -> None:
-    """PyTorch's deterministic algorithms (CUDA: cuBLAS workspace, no cuDNN autotuning) when `on`."""
+    """PyTorch's deterministic algorithms (CUDA: cuBLAS workspace, no cuDNN autotuning) when `on`. Ops with
+    no deterministic CUDA kernel (e.g. bincount for the code statistics, whose integer counts are exact
+    anyway) warn instead of failing."""
     if not on:
         return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA work
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
 
