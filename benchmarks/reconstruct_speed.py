@@ -1,83 +1,131 @@
-"""Real-time factor of `reconstruct` on the CPU for a 10 s input, split into features / SQ-VAE / vocoder.
+"""Real-time factor and peak memory of `reconstruct` (read -> codes -> decoder -> vocoder -> wav) by input length.
 
-    .venv/bin/python benchmarks/reconstruct_speed.py [--seconds 10] [--threads 1 2] [--recipe vctk/sqvae_gauss4]
+    .venv/bin/python benchmarks/reconstruct_speed.py [--seconds 10 60 600] [--vocoder hifigan griffin-lim]
+                                                     [--threads 2] [--device cpu] [--recipe vctk/sqvae_gauss4]
 
-The SQ-VAE is the reference-size speech model of the recipe and the vocoders are the default `hifigan`
-recipe and Griffin-Lim, freshly initialised (speed does not depend on the weights). The audio is read from a
-wav file, so the feature stage includes decoding. Best of --repeats after a warm-up.
+The SQ-VAE is the recipe's reference-size speech model and `hifigan` the default vocoder recipe, both freshly
+initialised (speed and memory do not depend on the weights) and saved as checkpoints, so the measured path is
+the command's own: `Codec` from a run directory, `Codec.reconstruct`, `write_wav`. Each (length, vocoder) runs
+in a fresh process, so its peak resident memory (ru_maxrss) is its own; "after load" is the process's peak
+before the input is read (imports, model and vocoder). Long inputs run in windows of `CHUNK_SECONDS`, so peak
+memory must stay flat as the input grows. On CUDA the peak of allocated device memory is reported too.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import soundfile as sf
-import torch
-from rich.console import Console
-from rich.table import Table
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from conftest import harmonic  # noqa: E402
-from vocoder_speed import recipe_vocoder  # noqa: E402
-
-from sqaudio.config import load_recipe  # noqa: E402
-from sqaudio.features import LogMel, load_audio  # noqa: E402
-from sqaudio.sqvae import build_model  # noqa: E402
-from sqaudio.vocoder import load_vocoder  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def make_checkpoints(root: Path, recipe_name: str) -> tuple[Path, Path]:
+    """A run dir with a freshly initialised SQ-VAE and a generator-only `hifigan` vocoder checkpoint."""
+    import torch
+
+    from sqaudio import checkpoint
+    from sqaudio.config import load_recipe, to_dict
+    from sqaudio.sqvae import build_model
+    from sqaudio.vocoder import CHECKPOINT_FORMAT, build_generator, load_vocoder_config
+
+    recipe = load_recipe(recipe_name, ["model.speech.n_speakers=100"])
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    speakers = [f"s{i:03d}" for i in range(100)]
+    checkpoint.save({"model": model.state_dict(), "recipe": to_dict(recipe), "features": to_dict(recipe.features),
+                     "speakers": speakers, "step": 0}, root / "run" / "checkpoint-0.pt")
+    cfg = load_vocoder_config("hifigan")
+    generator = build_generator(cfg, recipe.features)
+    checkpoint.save({"format": CHECKPOINT_FORMAT, "version": 1, "step": 0, "config": to_dict(cfg),
+                     "features": to_dict(recipe.features), "generator": generator.state_dict()},
+                    root / "hifigan.pt")
+    return root / "run", root / "hifigan.pt"
+
+
+def child(run: Path, vocoder: str, wav: Path, device: str, threads: int) -> dict:
+    """One measurement, in this process: load, reconstruct, write."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from sqaudio.codec import Codec, write_wav
+
+    codec = Codec(run, vocoder, device)
+    loaded = _peak_mb()
+    start = time.perf_counter()
+    out, _, _, _ = codec.reconstruct(wav, "s000")
+    write_wav(wav.with_suffix(".out.wav"), out, codec.features.sample_rate)
+    if codec.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if codec.device.type == "cuda" else None
+    return {"wall_s": seconds, "peak_mb": _peak_mb(), "after_load_mb": loaded, "gpu_peak_mb": gpu}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seconds", type=float, nargs="+", default=[10.0, 60.0, 600.0])
+    parser.add_argument("--vocoder", nargs="+", default=["hifigan", "griffin-lim"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--recipe", default="vctk/sqvae_gauss4")
+    parser.add_argument("--json", type=Path, help="Also write the rows here.")
+    parser.add_argument("--child", nargs=3, metavar=("RUN", "VOCODER", "WAV"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    recipe = load_recipe(args.recipe, ["model.speech.n_speakers=100"])
-    cfg = recipe.features
-    model = build_model(recipe).eval()
-    logmel = LogMel(cfg)
-    vocoders = {"hifigan": recipe_vocoder("hifigan", cfg, "cpu"), "griffin-lim": load_vocoder("griffin-lim", "cpu", cfg)}
+    if args.child:
+        run, vocoder, wav = args.child
+        print(json.dumps(child(Path(run), vocoder, Path(wav), args.device, args.threads)))
+        return
+    import soundfile as sf
+    from rich.console import Console
+    from rich.table import Table
+
+    from conftest import harmonic
+
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "input.wav"
-        sf.write(path, harmonic(args.seconds, rate=cfg.sample_rate), cfg.sample_rate)
-        mel = logmel(torch.from_numpy(load_audio(path, cfg))[None])
-        mel = mel[..., : mel.shape[-1] - mel.shape[-1] % 2]
-        speaker = torch.zeros(1, dtype=torch.long)
-        table = Table(title=f"reconstruct real-time factor, {args.seconds:g} s input, CPU (< 1: faster than real time)")
-        table.add_column("stage")
-        for n in args.threads:
-            table.add_column(f"{n} thread{'s' * (n > 1)}", justify="right")
-        rows: dict[str, list[float]] = {}
-        for n in args.threads:
-            torch.set_num_threads(n)
-            with torch.inference_mode():
-                stage = {"features (read + log-mel)": best_of(lambda: logmel(torch.from_numpy(load_audio(path, cfg))[None]), args.repeats),
-                         "SQ-VAE (encode + decode)": best_of(lambda: model.decode(model.quantizer.lookup(model.encode({"mel": mel})[0]), speaker), args.repeats)}
-                for name, vocoder in vocoders.items():
-                    stage[f"vocoder: {name}"] = best_of(lambda v=vocoder: v.synthesize(mel), args.repeats)
-            stage["total with hifigan"] = sum(v for k, v in stage.items() if "griffin" not in k)
-            stage["total with griffin-lim"] = sum(v for k, v in stage.items() if "hifigan" not in k and "total" not in k)
-            for name, seconds in stage.items():
-                rows.setdefault(name, []).append(seconds / args.seconds)
-        for name, values in rows.items():
-            table.add_row(name, *[f"{v:.3f}" for v in values])
-        Console().print(table)
+        run, hifigan = make_checkpoints(Path(tmp), args.recipe)
+        vocoders = {"hifigan": str(hifigan), "griffin-lim": "griffin-lim"}
+        for seconds in args.seconds:
+            wav = Path(tmp) / f"in_{seconds:g}.wav"
+            pieces = int(np.ceil(seconds / 5.0))
+            sf.write(wav, np.concatenate([harmonic(5.0, f0=100 + 10 * (i % 7), seed=i) for i in range(pieces)])
+                     [: int(seconds * 16000)], 16000)
+            for name in args.vocoder:
+                cmd = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads),
+                       "--child", str(run), vocoders[name], str(wav)]
+                result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if result.returncode != 0:
+                    sys.exit(result.stderr)
+                row = {"seconds": seconds, "vocoder": name, **json.loads(result.stdout.strip().splitlines()[-1])}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                wav.with_suffix(".out.wav").unlink()
+            wav.unlink()
+    table = Table(title=f"reconstruct, {args.recipe} + vocoder, device {args.device}, {args.threads} thread(s) "
+                        "(real-time factor < 1: faster than real time)")
+    for column in ("input", "vocoder", "real-time factor", "peak memory", "after load", "peak - after load",
+                   "GPU peak"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        gpu = f"{r['gpu_peak_mb']:.0f} MB" if r["gpu_peak_mb"] is not None else "-"
+        table.add_row(f"{r['seconds']:g} s", r["vocoder"], f"{r['wall_s'] / r['seconds']:.3f}",
+                      f"{r['peak_mb']:.0f} MB", f"{r['after_load_mb']:.0f} MB",
+                      f"{r['peak_mb'] - r['after_load_mb']:.0f} MB", gpu)
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

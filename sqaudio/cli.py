@@ -216,16 +216,22 @@ def _note_speakers(codec, fallbacks: list[Path]) -> None:
                       highlight=False, soft_wrap=True)
 
 
-def _long_progress(codec, path: Path, label: str):
-    """A progress bar over the model windows of one long input ((None, None) for short or unreadable ones)."""
+def _audio_samples(codec, path: Path) -> int:
+    """The input's length at the model's rate from its header (0 when unreadable: the codec says why)."""
     import soundfile as sf
-    from rich.progress import Progress
 
     try:
         info = sf.info(str(path))
     except Exception:  # the codec reports unreadable files with their reason
-        return None, None
-    total = codec.windows(info.frames * codec.features.sample_rate // info.samplerate)
+        return 0
+    return info.frames * codec.features.sample_rate // info.samplerate
+
+
+def _long_progress(codec, samples: int, label: str, encode: bool = True):
+    """A progress bar over the model windows of one long input ((None, None) for inputs of a few windows)."""
+    from rich.progress import Progress
+
+    total = codec.windows(samples, encode)
     if total <= 3:
         return None, None
     progress = Progress(console=console, transient=True)
@@ -277,7 +283,7 @@ def _reconstruct_one(codec, path: Path, speaker: Optional[str], target: Path, pl
     console.print(f"reconstruct {label}: {escape(str(path))}", highlight=False)
     from contextlib import nullcontext
 
-    progress, step = _long_progress(codec, path, path.name)
+    progress, step = _long_progress(codec, _audio_samples(codec, path), path.name)
     with progress or nullcontext():
         out, stats, enc, mel_hat = codec.reconstruct(path, speaker, step)
     write_wav(target, out, codec.features.sample_rate)
@@ -331,6 +337,8 @@ def decode(
     overwrite: bool = _OVERWRITE_OPT,
 ) -> None:
     """Codes -> decoder -> vocoder -> wavs."""
+    from contextlib import nullcontext
+
     from rich.progress import track
 
     from sqaudio.codec import Codec, read_codes, write_wav
@@ -345,7 +353,9 @@ def decode(
                               disable=len(wavs) == 1):
         indices, header = read_codes(path)
         codec.check_header(header, path)
-        wav = codec.decode(indices, speaker or header["speaker"], int(header["samples"]))
+        progress, step = _long_progress(codec, int(header["samples"]), path.name, encode=False)
+        with progress or nullcontext():
+            wav = codec.decode(indices, speaker or header["speaker"], int(header["samples"]), step)
         write_wav(target, wav, codec.features.sample_rate)
     _say_wrote(f"{len(wavs)} wav(s)", output if len(wavs) > 1 or output.suffix.lower() != ".wav" else wavs[0])
 

@@ -62,7 +62,7 @@ class Codec:
         self.vocoder = load_vocoder(str(vocoder), device=self.device) if vocoder is not None else None
         if self.vocoder is not None:
             self.vocoder.check_compatible(self.features)
-        self.logmel = LogMel(self.features).to(self.device)
+        self.logmel = LogMel(self.features, method="frames").to(self.device)  # chunked |STFT| on any device
         self.chunk_latents = max(int(chunk_seconds * self.features.frame_rate / 2), 2 * DECODER_FADE)
 
     def speaker_index(self, speaker: str) -> int:
@@ -83,12 +83,13 @@ class Codec:
                 return guess, how
         return self.speakers[0], "fallback"
 
-    def windows(self, samples: int) -> int:
-        """How many model windows `reconstruct` runs for an input of `samples` samples (for progress bars)."""
+    def windows(self, samples: int, encode: bool = True) -> int:
+        """How many model windows `reconstruct` (or, without `encode`, `decode`) runs for `samples` samples."""
         frames = samples // self.features.hop_length + 1
         latents = max(frames // 2 - 1, 1)
         full = max(frames, 2 * latents + 1)
-        return 2 * len(spans(latents, self.chunk_latents, 0)) + len(spans(full, 2 * self.chunk_latents, 0))
+        coded = len(spans(latents, self.chunk_latents, 0))
+        return (1 + encode) * coded + len(spans(full, 2 * self.chunk_latents, 0))
 
     @torch.no_grad()
     def encode(self, path: Path, speaker: str | None = None, step: Callable[[], None] | None = None) -> Encoded:
@@ -125,7 +126,7 @@ class Codec:
                             2 * self.chunk_latents, VOCODER_CONTEXT, scale=self.features.hop_length,
                             fade=VOCODER_FADE, on_window=step)
         wav = self.vocoder.finish(wav)[0].cpu().numpy()
-        return np.pad(wav, (0, max(samples - len(wav), 0)))[:samples]
+        return wav[:samples] if len(wav) >= samples else np.pad(wav, (0, samples - len(wav)))
 
     def decode(self, codes: np.ndarray, speaker: str, samples: int, step: Callable[[], None] | None = None) -> np.ndarray:
         return self.synthesize(self.decode_mel(codes, speaker, step), samples, step)

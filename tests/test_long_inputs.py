@@ -53,6 +53,10 @@ def test_chunked_reconstruction_equals_one_pass(tiny_model, long_wav):
     assert wav_a.shape == wav_b.shape == (len(sf.read(long_wav)[0]),)
     err = np.abs(wav_a - wav_b)
     assert err.max() < 1e-3 * np.abs(wav_a).max()  # no seam: the largest difference is tiny
+    steps.clear()
+    again = chunked.decode(enc_b.codes, enc_b.speaker, len(wav_a), step=lambda: steps.append(1))
+    np.testing.assert_array_equal(again, wav_b)  # decode of the codes is the same stitched path
+    assert len(steps) == chunked.windows(len(wav_a), encode=False)
     frames = 2 * chunked.chunk_latents + 2 * VOCODER_CONTEXT
     assert chunked.vocoder.longest <= frames < whole.vocoder.longest  # memory bounded by the window
 
