@@ -194,10 +194,8 @@ def test_celebamask_vmf_lives_on_the_sphere_of_20_channels():
     lik = model.likelihood
     got = lik(out.x_hat[:, :, ::8, ::8], labels[:, ::8, ::8])[0]["reconstruction"].item()
     assert got == pytest.approx(want, rel=1e-5)
-    kappa = lik.kappa.double()
     on_19 = lik(out.x_hat[:, :19, ::8, ::8], labels[:, ::8, ::8])[0]["reconstruction"].item()
-    shift = 64 * (log_normalizer(kappa, 20) - log_normalizer(kappa, 19)).item() / 2  # 8x8 pixels per sample
-    assert abs(got - on_19) > 1.0 and shift != 0
+    assert abs(got - on_19) > 1.0  # the sphere matters: 19 channels would give another loss
 
 
 # --- mIoU ----------------------------------------------------------------------------------------------------------
