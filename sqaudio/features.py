@@ -191,8 +191,9 @@ class LogMel(torch.nn.Module):
         longest = max(len(r) for r in rows)
         padded = torch.stack([F.pad(r, (0, longest - len(r))) for r in rows])  # (B, longest)
         start = (cfg.n_fft - cfg.win_length) // 2
-        frames = padded[:, start:].unfold(-1, cfg.win_length, cfg.hop_length)  # (B, T, win)
-        mel = torch.matmul(self.fbank, self._magnitude(frames).transpose(1, 2))  # (B, mels, T)
+        frames = padded[:, start:].unfold(-1, cfg.win_length, cfg.hop_length)  # (B, T, win), a view
+        mel = torch.cat([torch.matmul(self.fbank, self._magnitude(chunk).transpose(1, 2))  # (B, mels, chunk)
+                         for chunk in frames.split(FRAME_CHUNK, dim=1)], dim=-1)  # memory: chunks, not T
         out = []
         for row, wav in zip(mel, wavs):
             db = 20.0 * torch.log10(row[:, : len(wav) // cfg.hop_length + 1].clamp(min=AMIN))

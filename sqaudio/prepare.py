@@ -14,7 +14,7 @@ import signal
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -150,14 +150,15 @@ DEVICE_BATCH = 32  # utterances per feature batch on an accelerator
 
 def _run_jobs_device(todo: list[Utterance], out_dir: Path, cfg: FeatureConfig, workers: int,
                      device: torch.device) -> Iterator[dict[str, Any]]:
-    """Audio is read and resampled by a thread pool; features are computed on `device` in batches."""
+    """Audio is read and resampled by a thread pool, at most 2 batches ahead (bounded memory); features are
+    computed on `device` in batches. On an error or Ctrl-C the queued reads are cancelled at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     logmel = LogMel(cfg).to(device)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        loaded = pool.map(lambda utt: (utt, _load(utt, cfg)), todo)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         batch: list[tuple[Utterance, np.ndarray]] = []
-        for utt, wav in loaded:
+        for utt, wav in read_ahead(pool, todo, lambda u: (u, _load(u, cfg)), 2 * DEVICE_BATCH + workers):
             if isinstance(wav, dict):
                 yield wav
                 continue
@@ -166,6 +167,25 @@ def _run_jobs_device(todo: list[Utterance], out_dir: Path, cfg: FeatureConfig, w
                 yield from _store_batch(batch, logmel, out_dir, cfg)
                 batch = []
         yield from _store_batch(batch, logmel, out_dir, cfg)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # waits only for the reads already running
+
+
+def read_ahead(pool, items: list, fn, limit: int) -> Iterator[Any]:
+    """fn(item) for every item, in order, computed by `pool` with at most `limit` results not yet taken."""
+    from collections import deque
+
+    pending, rest = deque(), iter(items)
+    for item in rest:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= limit:
+            break
+    while pending:
+        result = pending.popleft().result()
+        for item in rest:
+            pending.append(pool.submit(fn, item))
+            break
+        yield result
 
 
 def _store_batch(batch, logmel: LogMel, out_dir: Path, cfg: FeatureConfig) -> Iterator[dict[str, Any]]:
@@ -312,14 +332,15 @@ def prepare(corpus_dir: str | Path, out_dir: str | Path, corpus: str = "auto", m
         task = progress.add_task("prepare", total=len(todo))
         jobs = (_run_jobs(todo, out_dir, cfg, workers) if dev.type == "cpu"
                 else _run_jobs_device(todo, out_dir, cfg, workers, dev))
-        for result in jobs:
-            if "entry" in result:
-                entries[result["entry"]["id"]] = result["entry"]
-                journal.write(json.dumps(result["entry"]) + "\n")
-                journal.flush()
-            else:
-                skipped.append(result["skipped"])
-            progress.advance(task)
+        with closing(jobs):  # an error or Ctrl-C stops the jobs at once (no read of the rest of the corpus)
+            for result in jobs:
+                if "entry" in result:
+                    entries[result["entry"]["id"]] = result["entry"]
+                    journal.write(json.dumps(result["entry"]) + "\n")
+                    journal.flush()
+                else:
+                    skipped.append(result["skipped"])
+                progress.advance(task)
     summary = _write_store(out_dir, listing, entries, skipped)
     summary.update(reused=reused, computed=len(entries) - reused, workers=workers,
                    wall_s=round(time.perf_counter() - start, 3))

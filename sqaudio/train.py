@@ -236,7 +236,8 @@ class _Run:
                     writer.close()
         if stop.signal is not None:
             if ctx.is_main:
-                console.print(f"interrupted: saved checkpoint at step {step} in {self.out}; continue with --resume", soft_wrap=True)
+                console.print(f"interrupted: saved checkpoint at step {step} in {self.out}; continue with --resume",
+                              soft_wrap=True)
         elif ctx.is_main:
             _finish(self.out, last, quiet)
         return {**last, "step": step, "interrupted": stop.signal}

@@ -1,7 +1,8 @@
 """`sqaudio vocoder train`: a parallel-wavegan GAN vocoder on the prepared store's features.
 
 The batch of step s is a pure function of (seed, s), and the model RNGs (noise inputs, random discriminator
-windows) are saved in every checkpoint, so `--resume` continues exactly where the run stopped.
+windows) are saved in every checkpoint, so `--resume` continues exactly where the run stopped. The loop
+runs on the training engine (`sqaudio/engine.py`); this module keeps the models, losses and the step.
 
 Under torchrun (WORLD_SIZE > 1) every process takes its slice of each global batch, generator and
 discriminator are wrapped in DistributedDataParallel, and only rank 0 writes (docs/distributed.md). All losses
@@ -24,7 +25,7 @@ from rich.table import Table
 from sqaudio import checkpoint, distributed, engine
 from sqaudio.checkpoint import atomic_write
 from sqaudio.config import FeatureConfig, from_dict, to_dict
-from sqaudio.data import StepBatches, step_generator
+from sqaudio.data import StepBatches
 from sqaudio.errors import UserError
 from sqaudio.features import AudioError, load_audio, prepare_waveform
 from sqaudio.store import Store, open_store
@@ -307,7 +308,8 @@ class _Run:
             self.G_train = DDP(generator, device_ids=ids, forward_sync_buffers=False)
             self.D_train = DDP(discriminator, device_ids=ids, forward_sync_buffers=False)
 
-    def generator_step(self, mel: torch.Tensor, wav: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def generator_step(self, mel: torch.Tensor, wav: torch.Tensor, step: int) -> tuple[dict, torch.Tensor]:
+        """Generator update; returns the loss terms (device tensors: no host sync) and the generated audio."""
         lc, L = self.cfg.loss, self.losses
         wav_hat, bands_hat = self.G_train(mel, return_subbands=True)  # (B, T), (B, subbands, T / subbands)
         terms: dict[str, torch.Tensor] = {}
@@ -423,7 +425,8 @@ class _Run:
                 if writer is not None:
                     writer.close()
         if stop.signal is not None and ctx.is_main:
-            console.print(f"stopped by signal {stop.signal} at step {step}; saved {last_ckpt or 'nothing new'}", soft_wrap=True)
+            console.print(f"stopped by signal {stop.signal} at step {step}; saved {last_ckpt or 'nothing new'}",
+                          soft_wrap=True)
         if last_ckpt is None and step > 0:  # nothing left to train (resumed at the end) or stopped at once
             last_ckpt = checkpoint.latest(self.out) if ctx.is_main else None
         elapsed = time.perf_counter() - started

@@ -194,3 +194,39 @@ def test_plateau_schedule_steps_on_the_deterministic_validation_loss(cli, tmp_pa
     assert best == pytest.approx(total / count, rel=1e-5)
     train_loss = json.loads((out / "history.jsonl").read_text().splitlines()[-1])["loss"]
     assert abs(best - train_loss) > 1e-3 * abs(train_loss)
+
+
+# ------------------------------------------------------------------ prepare --device: bounded, chunked
+
+def test_prepare_device_path_reads_a_bounded_window_ahead_in_order():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqaudio.prepare import read_ahead
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn, *args):
+            Counting.submitted += 1
+            return super().submit(fn, *args)
+
+    with Counting(3) as pool:
+        results = read_ahead(pool, list(range(50)), lambda i: i * i, 6)
+        assert next(results) == 0 and Counting.submitted == 7  # 6 in flight, one more after taking the first
+        assert list(results) == [i * i for i in range(1, 50)]
+
+
+def test_batched_log_mel_of_long_recordings_is_chunked_and_exact():
+    """Rows longer than FRAME_CHUNK frames (20 s) go through the chunked path and equal one-by-one features."""
+    from sqaudio.config import FeatureConfig
+    from sqaudio.features import FRAME_CHUNK, LogMel
+    from conftest import harmonic
+
+    cfg = FeatureConfig()
+    logmel = LogMel(cfg, method="frames")
+    long = torch.from_numpy(harmonic(FRAME_CHUNK * cfg.hop_length / cfg.sample_rate + 2.5, seed=1))
+    short = torch.from_numpy(harmonic(1.0, seed=2))
+    batched = logmel.batch([long, short])
+    assert batched[0].shape[-1] > FRAME_CHUNK
+    for got, wav in zip(batched, (long, short)):
+        torch.testing.assert_close(got, logmel(wav[None])[0], atol=1e-5, rtol=0)
