@@ -204,10 +204,13 @@ def plot_code_usage(counts: np.ndarray, path: str | Path, title: str = "") -> Pa
     perplexity = float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    ax.bar(np.arange(1, len(share) + 1), share, width=1.0, color="C0")
+    ranks = np.arange(1, len(share) + 1)
+    ax.fill_between(ranks, share, step="mid", color="C0", alpha=0.85, label="share of each code")
     ax.axhline(1 / len(share), color="C3", linestyle="--", linewidth=1, label=f"uniform share 1/{len(share)}")
-    ax.set_xlim(0.5, len(share) + 0.5)
-    ax.set_xlabel("code rank (most used first)")
+    ax.set_xscale("log")  # ranks span 1..K: a log axis keeps the few most used codes readable
+    ax.set_xlim(0.8, len(share) * 1.2)
+    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.StrMethodFormatter("{x:g}"))
+    ax.set_xlabel("code rank (most used first, log scale)")
     ax.set_ylabel("share of latent positions")
     ax.legend(loc="upper right")
     summary = f"{used} of {len(counts)} codes used, perplexity {perplexity:.1f}"

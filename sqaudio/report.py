@@ -295,7 +295,7 @@ def render(pages: list[RunPage], body: dict, data: Path | None, vocoder: str | N
     css = (Path(__file__).with_name("report.css")).read_text()
     size = {p.name: p.recipe["quantizer"]["codebook_size"] for p in pages}
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    about = [f"{len(pages)} run{'s' * (len(pages) > 1)}", f"data <code>{_e(data)}</code>" if data else "",
+    about = [f"{len(pages)} run{'s' * (len(pages) > 1)}", f"data <code>{_e(Path(data).absolute())}</code>" if data else "",
              f"split <b>{_e(split)}</b>" if vocoder else "", f"vocoder <b>{_e(vocoder)}</b>" if vocoder else "",
              f"written {when}"]
     listen = ""
