@@ -541,13 +541,24 @@ def prepare(
     """Compute the paper's log-mel features of a corpus (parallel, resumable) into a feature store."""
     from sqaudio.prepare import parse_feature_options, prepare as run_prepare
 
+    import signal
+
     features = parse_feature_options(recipe, overrides)
+    received = [signal.SIGINT]
+
+    def terminate(signum, frame):  # SIGTERM stops like Ctrl-C (finished utterances kept), exit 128 + 15
+        received[0] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         run_prepare(corpus_dir, out_dir, corpus, mic, test_fraction, workers, features, split_files or None, seed,
                     quiet, console, _parse_shard(shard), device)
     except KeyboardInterrupt:
         console.print("interrupted: finished utterances are kept; run the same command again to continue")
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + received[0]) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:

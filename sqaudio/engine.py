@@ -132,11 +132,6 @@ class Stop:
         return False
 
 
-def exit_code(signum: int | None) -> int:
-    """128 + signal number (130 for Ctrl-C, 143 for SIGTERM), 0 without a signal."""
-    return 128 + signum if signum else 0
-
-
 # ------------------------------------------------------------------ statistics on the device
 
 class Meter:

@@ -123,6 +123,7 @@ def _write_text(path: Path, text: str) -> None:
 def _init_worker() -> None:
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the parent, which cancels the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (which stops the run)
 
 
 def _run_jobs(todo: list[Utterance], out_dir: Path, cfg: FeatureConfig, workers: int) -> Iterator[dict[str, Any]]:

@@ -230,3 +230,30 @@ def test_batched_log_mel_of_long_recordings_is_chunked_and_exact():
     assert batched[0].shape[-1] > FRAME_CHUNK
     for got, wav in zip(batched, (long, short)):
         torch.testing.assert_close(got, logmel(wav[None])[0], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ exit codes of the long commands
+
+def test_prepare_stopped_by_sigterm_exits_143_and_resumes(tmp_path):
+    import soundfile as sf
+
+    from conftest import harmonic
+
+    corpus = tmp_path / "corpus"
+    for s in range(2):
+        (corpus / f"spk{s}").mkdir(parents=True)
+        for u in range(30):
+            sf.write(corpus / f"spk{s}" / f"u{u}.wav", harmonic(2.0, seed=u, f0=100 + 10 * s), 16000)
+    out = tmp_path / "features"
+    cmd = [sys.executable, "-m", "sqaudio", "prepare", str(corpus), str(out), "--corpus", "folder", "--workers", "1",
+           "--quiet"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not (out / ".prepare-journal.jsonl").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert subprocess.run(cmd, env=ENV, capture_output=True, timeout=300).returncode == 0
+    assert (out / "manifest.jsonl").is_file()
