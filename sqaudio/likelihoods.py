@@ -7,6 +7,8 @@ Masks (True = valid) restrict every sum to real (unpadded) elements.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -63,18 +65,24 @@ class GaussianLearned(nn.Module):
         return {"reconstruction": loss}, {"mse": (sse / count).detach(), "var_x": self.log_var_x.exp().detach()}
 
 
+def _vmf(cfg: ModelConfig) -> nn.Module:
+    from sqaudio.vmf import VmfLikelihood
+
+    return VmfLikelihood(cfg.vision.num_classes, cfg.kappa_inv_init)
+
+
+LIKELIHOODS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "gaussian_mle": lambda cfg: GaussianMLE(), "gaussian_learned": lambda cfg: GaussianLearned(cfg.log_var_x_init),
+    "vmf": _vmf}
+
+
 def build_likelihood(cfg: ModelConfig, quantizer: QuantizerConfig | None = None) -> nn.Module:
-    """Registry of decoder likelihoods by `cfg.likelihood`; a textbook VQ-VAE quantizer takes the plain MSE."""
+    """The likelihood named by `cfg.likelihood` (registry); a textbook VQ-VAE quantizer takes the plain MSE."""
     if quantizer is not None and quantizer.kind == "vq_ema" and quantizer.vq_objective == "textbook":
         if cfg.likelihood == "vmf":
             raise UserError("quantizer.vq_objective=textbook is a mean-squared-error objective; "
                             "class maps (model.likelihood=vmf) need vq_objective=mle_sigma")
         return MeanSquared()
-    if cfg.likelihood == "gaussian_mle":
-        return GaussianMLE()
-    if cfg.likelihood == "gaussian_learned":
-        return GaussianLearned(cfg.log_var_x_init)
-    if cfg.likelihood == "vmf":
-        from sqaudio.vmf import VmfLikelihood
-        return VmfLikelihood(cfg.vision.num_classes, cfg.kappa_inv_init)
-    raise ValueError(f"unknown likelihood '{cfg.likelihood}' (valid: gaussian_mle, gaussian_learned, vmf)")
+    if cfg.likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood '{cfg.likelihood}' (valid: {', '.join(LIKELIHOODS)})")
+    return LIKELIHOODS[cfg.likelihood](cfg)
