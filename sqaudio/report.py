@@ -100,14 +100,13 @@ def build_report(runs: list[Path], data: Path | None, out: Path, vocoder: str = 
     kinds = {p.recipe["data"]["kind"] == "speech" for p in pages}
     if len(kinds) > 1:
         raise UserError("report compares runs of one kind: all speech or all images, not both")
-    for sub in ("audio", "img"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     if kinds == {True}:
         if data is None:
             raise UserError("a report of speech runs needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
         body = _speech(pages, data, out, vocoder, utterances, split, device, quiet)
     else:
         body = _images(pages, data, out, device, quiet)
+    (out / "img").mkdir(parents=True, exist_ok=True)  # nothing is created before the inputs are validated
     for page in pages:
         _run_figures(page, out)
     (out / "metrics.json").write_text(json.dumps({p.name: p.metrics for p in pages}, indent=2))
@@ -188,7 +187,7 @@ def _run_figures(page: RunPage, out: Path) -> None:
         page.images["self-annealing curves over training"] = target.relative_to(out).as_posix()
     if page.counts is not None and page.counts.sum() > 0:
         target = out / "img" / f"codes_{safe_name(page.name)}.png"
-        plot_code_usage(page.counts, target, title=f"{page.name}: codebook usage on the test split")
+        plot_code_usage(page.counts, target, title=f"{page.name}: codebook usage on the {page.metrics.get('split', 'test')} split")
         page.images["codebook usage (codes sorted by use)"] = target.relative_to(out).as_posix()
 
 

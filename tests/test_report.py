@@ -119,6 +119,7 @@ def test_bad_inputs_get_one_line_and_exit_2(cli, tiny_model, tiny_store, wav_sto
     (tmp_path / "file").write_text("x")
     _one_red_line(cli("report", tiny_model, "--data", wav_store, "--out", tmp_path / "file"))
     _one_red_line(cli("evaluate", tiny_model, "--data", wav_store, "--audio", "--vocoder", tmp_path / "nothing"))
+    assert not (tmp_path / "r").exists()  # nothing is written before the inputs are validated
 
 
 def _browser():
