@@ -300,7 +300,8 @@ def encode(
     output: Path = typer.Option(..., "-o", "--output", help="Codes folder (the inputs' relative folders are kept)."),
     model: Path = _MODEL_OPT,
     fmt: str = typer.Option("npy", "--format", help="npy (indices + JSON header) or zerospeech (one vector per line)."),
-    speaker: Optional[str] = typer.Option(None, "--speaker", help="Speaker stored in the header. " + _SPEAKER_HELP.split(". ", 1)[1]),
+    speaker: Optional[str] = typer.Option(None, "--speaker",
+                                          help="Speaker stored in the header. " + _SPEAKER_HELP.split(". ", 1)[1]),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
     overwrite: bool = _OVERWRITE_OPT,
 ) -> None:

@@ -128,7 +128,9 @@ class Codec:
         wav = self.vocoder.finish(wav)[0].cpu().numpy()
         return wav[:samples] if len(wav) >= samples else np.pad(wav, (0, samples - len(wav)))
 
-    def decode(self, codes: np.ndarray, speaker: str, samples: int, step: Callable[[], None] | None = None) -> np.ndarray:
+    def decode(self, codes: np.ndarray, speaker: str, samples: int,
+               step: Callable[[], None] | None = None) -> np.ndarray:
+        """Codes (T',) -> waveform of `samples` samples, window by window (see `windows`)."""
         return self.synthesize(self.decode_mel(codes, speaker, step), samples, step)
 
     def reconstruct(self, path: Path, speaker: str | None = None, step: Callable[[], None] | None = None

@@ -1,6 +1,8 @@
 """Issue 15, items 10, 14 and 15: one accepted-audio rule for prepare and reconstruct/encode (what is left out is
 counted and said), helpful recipe and --data errors, and a generator-only vocoder export that --vocoder takes."""
 import json
+import os
+import stat
 
 import numpy as np
 import soundfile as sf
@@ -82,6 +84,10 @@ def test_vocoder_export_is_generator_only_and_accepted_by_vocoder(cli, tiny_mode
     result = cli("vocoder", "train", store, "--out", run, "--recipe", "tiny", "--device", "cpu", "--quiet",
                  *[a for o in TINY for a in ("--set", o)])
     assert result.exit_code == 0, result.output
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (run / "config.yaml", *run.glob("checkpoint-*.pt")):  # item 7: not 0600
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
     out = tmp_path / "export" / "tiny.pt"
     result = cli("vocoder", "export", run, out)
     assert result.exit_code == 0, result.output
