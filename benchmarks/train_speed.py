@@ -140,15 +140,20 @@ def measure(args) -> dict:
         meter.read(warm + steps, Path(tempfile.gettempdir()))
         return steps / elapsed
 
+    t0 = time.perf_counter()
+    for s in range(20):
+        td.batches[s]
+    host_ms = (time.perf_counter() - t0) / 20 * 1000  # building one batch in one process (what workers hide)
     counter = SyncCounter(dev.type == "cuda")
-    loader_rate = loop(eng.batches(td.batches, 0, warm + steps, recipe.data.num_workers), counter)
     fixed = engine._to(td.batches[0], dev)
-    memory_rate = loop((s, fixed) for s in range(warm + steps))
+    before = loop((s, fixed) for s in range(warm + steps))  # in memory before and after: no order effect
+    loader_rate = loop(eng.batches(td.batches, 0, warm + steps, recipe.data.num_workers), counter)
+    memory_rate = (before + loop((s, fixed) for s in range(warm + steps))) / 2
     return {"recipe": recipe.name, "device": str(dev), "amp": recipe.train.amp if dev.type == "cuda" else "none (cpu)",
             "batch_size": recipe.data.batch_size, "frames": recipe.data.sample_frames + 2,
             "workers": recipe.data.num_workers, "threads": args.threads, "steps": steps,
             "loader_steps_per_s": loader_rate, "in_memory_steps_per_s": memory_rate,
-            "data_path_share": 1.0 - loader_rate / memory_rate,
+            "data_path_share": 1.0 - loader_rate / memory_rate, "host_ms_per_batch": host_ms,
             "python_reads_per_step": counter.reads / steps,
             "cuda_syncs_per_step": counter.cuda_syncs / steps if dev.type == "cuda" else None}
 
@@ -174,7 +179,8 @@ def main() -> None:
           f"{result['frames']} frames, {result['workers']} workers, {result['threads']} threads, {args.steps} steps")
     print(f"  through the DataLoader: {result['loader_steps_per_s']:.2f} steps/s")
     print(f"  batch already in memory: {result['in_memory_steps_per_s']:.2f} steps/s")
-    print(f"  data path share of a step: {100 * result['data_path_share']:.1f}%")
+    print(f"  data path share of a step: {100 * result['data_path_share']:.1f}%  (building a batch in one process: "
+          f"{result['host_ms_per_batch']:.1f} ms)")
     print(f"  tensor reads into Python per steady-state step: {result['python_reads_per_step']:.2f}")
     if result["cuda_syncs_per_step"] is not None:
         print(f"  CUDA synchronisations per steady-state step: {result['cuda_syncs_per_step']:.2f}")
