@@ -98,8 +98,9 @@ def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = Fals
     """Train `recipe` on `data` into run directory `out`; returns the last logged statistics, plus "step"
     and "interrupted" (the signal number that stopped the run, or None).
 
-    `resume` continues the newest checkpoint with its saved configuration; `overrides` (the `--set` items)
-    change only what they name. Under torchrun (WORLD_SIZE > 1) each process takes its slice of every
+    `resume` continues the newest checkpoint with its saved configuration, with `overrides` (the `--set`
+    items) changing only what they name; with `overrides=None` (a caller that built `recipe` itself) the
+    given recipe is used instead. Under torchrun (WORLD_SIZE > 1) each process takes its slice of every
     global batch (DistributedDataParallel); only rank 0 writes checkpoints, logs and progress.
     """
     out = Path(out)
@@ -110,8 +111,8 @@ def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = Fals
     with engine.session(device, recipe.train.deterministic) as eng:
         ctx = eng.ctx
         state = eng.resume_state(out, resume)
-        if state is not None:
-            recipe = resumed_recipe(state, recipe, overrides or [])
+        if state is not None and overrides is not None:
+            recipe = resumed_recipe(state, recipe, overrides)
             validate_recipe(recipe)
         eng.seed_streams(recipe.train.seed)
         if recipe.data.batch_size % ctx.world:
