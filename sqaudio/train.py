@@ -63,7 +63,8 @@ def load_training_data(recipe: Recipe, data: str | Path, rank: int = 0, world: i
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe):
     cfg = recipe.train
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    cuda = next(model.parameters()).is_cuda
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, **({"fused": True} if cuda else {}))  # one kernel on GPUs
     if cfg.lr_schedule == "multistep":
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestones, cfg.gamma)
     elif cfg.lr_schedule == "plateau":
