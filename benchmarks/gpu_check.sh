@@ -24,23 +24,23 @@ NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0), '| GPUs:', torch.cuda.device_count())"
 
 echo; echo "== 1/4 train_speed, reference recipe, bf16 autocast, 4 DataLoader workers (target >= 50 steps/s, data path < 5%)"
-timeout 100 $PY benchmarks/train_speed.py --device cuda --amp bf16 --workers 4 --threads 4 --steps 400 --warmup 40 \
+timeout 100 $PY benchmarks/train_speed.py --device cuda --amp bf16 --workers 4 --threads 4 --steps 250 --warmup 25 \
   --json "$OUT/train_speed_bf16.json"
 
 echo; echo "== 2/4 train_speed, reference recipe, fp32"
-timeout 60 $PY benchmarks/train_speed.py --device cuda --amp none --workers 4 --threads 4 --steps 150 --warmup 20 \
+timeout 60 $PY benchmarks/train_speed.py --device cuda --amp none --workers 4 --threads 4 --steps 100 --warmup 10 \
   --json "$OUT/train_speed_fp32.json"
 
 echo; echo "== 3/4 DDP: torchrun-style 2 processes vs 1 on the same global batch"
 if [ "$NGPU" -ge 2 ]; then
-  timeout 110 $PY benchmarks/ddp_scaling.py --device cuda --recipe vctk/sqvae_gauss4 --steps 900 --json "$OUT/ddp.json"
+  timeout 100 $PY benchmarks/ddp_scaling.py --device cuda --recipe vctk/sqvae_gauss4 --steps 900 --json "$OUT/ddp.json"
 else
   echo "only $NGPU GPU: NCCL cannot place two ranks on one device, so the 2-vs-1 comparison runs on the CPU (gloo)"
-  timeout 110 $PY benchmarks/ddp_scaling.py --device cpu --recipe demo/tiny --steps 60 --json "$OUT/ddp.json"
+  timeout 100 $PY benchmarks/ddp_scaling.py --device cpu --recipe demo/tiny --steps 60 --json "$OUT/ddp.json"
 fi
 
 echo; echo "== 4/4 exactness on CUDA: rerun and 20 steps + --resume 20 against 40 straight steps (vctk/mini_sqvae_gauss4, bf16)"
-CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 80 $PY - "$OUT/resume.json" <<'PYEOF'
+CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 75 $PY - "$OUT/resume.json" <<'PYEOF'
 import json, sys, tempfile
 from pathlib import Path
 
