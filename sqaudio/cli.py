@@ -277,12 +277,12 @@ def reconstruct(
 
 
 def _reconstruct_one(codec, path: Path, speaker: Optional[str], target: Path, plot: Optional[Path], label: str):
+    from contextlib import nullcontext
+
     from sqaudio.codec import write_wav
     from sqaudio.plots import plot_mels
 
     console.print(f"reconstruct {label}: {escape(str(path))}", highlight=False)
-    from contextlib import nullcontext
-
     progress, step = _long_progress(codec, _audio_samples(codec, path), path.name)
     with progress or nullcontext():
         out, stats, enc, mel_hat = codec.reconstruct(path, speaker, step)
@@ -340,8 +340,6 @@ def decode(
     """Codes -> decoder -> vocoder -> wavs."""
     from contextlib import nullcontext
 
-    from rich.progress import track
-
     from sqaudio.codec import Codec, read_codes, write_wav
     from sqaudio.outputs import check_free, find_inputs, targets
 
@@ -350,8 +348,8 @@ def decode(
     check_free(wavs, overwrite)
     _note_inputs(found)
     codec = Codec(model, vocoder, device)
-    for path, target in track(list(zip(found.files, wavs)), description="decode", console=console,
-                              disable=len(wavs) == 1):
+    for i, (path, target) in enumerate(zip(found.files, wavs)):
+        console.print(f"decode {i + 1}/{len(wavs)}: {escape(str(path))}", highlight=False)
         indices, header = read_codes(path)
         codec.check_header(header, path)
         progress, step = _long_progress(codec, int(header["samples"]), path.name, encode=False)

@@ -79,6 +79,12 @@ def test_reconstruct_of_a_long_file_through_the_cli(cli, tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     wav, rate = sf.read(tmp_path / "out.wav")
     assert rate == 16000 and len(wav) == 24 * 16000 and np.abs(wav).max() > 0.01
+    sf.write(tmp_path / "spk0_short.wav", harmonic(1.0), 16000)  # one long and one short file: bars take turns
+    result = cli("encode", src, tmp_path / "spk0_short.wav", "-o", tmp_path / "codes", "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    result = cli("decode", tmp_path / "codes", "-o", tmp_path / "dec", "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(sf.read(tmp_path / "dec" / "spk1_long.wav")[0], wav)
 
 
 def test_chunked_griffin_lim_has_no_seams(tiny_model, long_wav):
