@@ -68,7 +68,11 @@ def rng_state(dev: torch.device) -> dict[str, Any]:
             "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64)}}
 
 
-def set_rng_state(state: dict[str, Any], dev: torch.device) -> None:
+def set_rng_state(state: dict[str, Any] | torch.Tensor, dev: torch.device) -> None:
+    """Restore `rng_state` (or, from older checkpoints, a bare torch CPU state)."""
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if isinstance(cuda, torch.Tensor) and dev.type == "cuda":
