@@ -55,13 +55,45 @@ class SQVAE(nn.Module):
         z, var = h[:, : self.dim], (h[:, self.dim:] if self.quantizer.n_var_channels else None)
         return self.quantizer(z, var_logits=var, mask=code_mask, temperature=temperature), code_mask, aux
 
-    def forward(self, batch: dict[str, Tensor], temperature: float = 1.0) -> ModelOutput:
+    def forward(self, batch: dict[str, Tensor], temperature: float = 1.0, calibrate: bool = False) -> ModelOutput:
+        if calibrate:
+            return self._calibration_forward(batch)
         q, code_mask, aux = self._quantize(batch, temperature)
         x_hat = self._decode(q.z_q, batch, aux)
         target, mask = self._target(batch, aux)
         rec_losses, rec_stats = self.likelihood(x_hat, target, mask)
         return ModelOutput(x_hat, target, mask, q.codes, code_mask,
                            {**rec_losses, **q.losses}, {**rec_stats, **q.stats})
+
+    def frozen_in_calibration(self) -> list[nn.Module]:
+        """What the decoder-calibration phase freezes: the encoder (with its variance channels) and the
+        quantizer (codebook, variance scalar, EMA state). Everything else (decoder, likelihood) trains."""
+        return [self.encoder, self.quantizer]
+
+    def _calibration_forward(self, batch: dict[str, Tensor]) -> ModelOutput:
+        """Decoder calibration (train.calibration_steps): the encoder in eval mode (BatchNorm running stats, no
+        update) and the deterministic quantizer (argmax codes, no EMA update) run without gradient; the decoder
+        decodes the codebook vectors of the argmax codes, exactly what evaluation decodes (no jitter), and only
+        the model's own reconstruction likelihood is returned (the latent terms do not depend on the decoder)."""
+        frozen = self.frozen_in_calibration()
+        modes = [m.training for m in frozen]
+        for m in frozen:
+            m.eval()
+        try:
+            with torch.no_grad():
+                q, code_mask, aux = self._quantize(batch)
+                z_q = self.quantizer.lookup(q.codes).to(q.z_q.dtype)
+        finally:
+            for m, mode in zip(frozen, modes):
+                m.train(mode)
+        x_hat = self._decode_hard(z_q, batch, aux)
+        target, mask = self._target(batch, aux)
+        rec_losses, rec_stats = self.likelihood(x_hat, target, mask)
+        return ModelOutput(x_hat, target, mask, q.codes, code_mask, rec_losses, {**rec_stats, **q.stats})
+
+    def _decode_hard(self, z_q: Tensor, batch: dict[str, Tensor], aux) -> Tensor:
+        """Decode as evaluation does (no training-time input noise such as jitter)."""
+        return self._decode(z_q, batch, aux)
 
     @torch.no_grad()
     def encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -94,6 +126,9 @@ class SpeechSQVAE(SQVAE):
 
     def _decode(self, z_q, batch, latent_lengths):
         return self.decode(self.jitter(z_q, latent_lengths), batch["speaker"], latent_lengths)
+
+    def _decode_hard(self, z_q, batch, latent_lengths):
+        return self.decode(z_q, batch["speaker"], latent_lengths)
 
     def decode(self, z_q: Tensor, speaker: Tensor, latent_lengths: Tensor | None = None) -> Tensor:
         """Quantized latents (B, D, T') -> log-mel (B, n_mels, 2 T')."""

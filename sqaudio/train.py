@@ -169,6 +169,28 @@ class _Run:
         self.td, self.recipe, self.out = td, recipe, out
         self.scale = recipe.features.top_db ** 2 if recipe.data.kind == "speech" else 1.0
         self.saved_at = -1
+        t = recipe.train
+        total = t.epochs * td.batches.steps_per_epoch if t.epochs > 0 else t.steps
+        self.calibration_start = total - t.calibration_steps if t.calibration_steps > 0 else None
+        self.calibrating = False
+
+    def phase(self, step: int) -> str:
+        """"train" or "calibration" (the last train.calibration_steps steps): a pure function of the step."""
+        start = self.calibration_start
+        return "calibration" if start is not None and step >= start else "train"
+
+    def _enter_calibration(self) -> None:
+        """Freeze the encoder and quantizer (requires_grad off, so Adam skips them and DDP expects no gradient
+        for them) and, under DDP, wrap the model again: DDP fixes the parameters it reduces when it is built."""
+        for module in self.model.frozen_in_calibration():
+            for p in module.parameters():
+                p.requires_grad_(False)
+        if isinstance(self.net, torch.nn.parallel.DistributedDataParallel):
+            from torch.nn.parallel import DistributedDataParallel
+
+            dev = self.eng.dev
+            self.net = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.calibrating = True
 
     def save(self, step: int) -> None:
         """All ranks call this (their RNG streams are gathered); rank 0 writes."""
@@ -185,8 +207,14 @@ class _Run:
         """One optimisation step; returns the loss and the statistics (device tensors, no host sync)."""
         cfg, eng = self.recipe.train, self.eng
         tau = temperature(self.recipe.quantizer.temperature, step)
+        calibrate = self.phase(step) == "calibration"
+        if calibrate and not self.calibrating:
+            self._enter_calibration()
+        hard_from = self.recipe.quantizer.hard_from_step
+        if hasattr(self.model.quantizer, "hard_sample"):
+            self.model.quantizer.hard_sample = hard_from is not None and step >= hard_from
         with eng.autocast(cfg.amp), eng.noise(step):
-            result = self.net(batch, temperature=tau)
+            result = self.net(batch, temperature=tau, calibrate=True) if calibrate else self.net(batch, temperature=tau)
         loss = result.loss
         self.opt.zero_grad(set_to_none=True)
         scaler.scale(loss * self._share(step, batch)).backward()
