@@ -21,11 +21,11 @@ def _masked_error(x_hat: Tensor, x: Tensor, mask: Tensor | None) -> tuple[Tensor
     """Sum of squared errors, valid elements and samples, over all ranks. mask broadcasts over x (B, 1, T)."""
     err = (x_hat.float() - x.float()) ** 2
     if mask is None:
-        count = torch.tensor(float(err.numel()), device=err.device)
+        count = err.new_full((), float(err.numel()))  # a fill on the device, not a blocking host copy
     else:
         mask = mask.to(err.dtype).expand_as(err)
         err, count = err * mask, mask.sum()
-    batch = torch.tensor(float(x.shape[0]), device=err.device)
+    batch = err.new_full((), float(x.shape[0]))
     return sum_all(err.sum()), sum_all(count), sum_all(batch)
 
 
