@@ -105,6 +105,7 @@ def code_usage(codes: Tensor, valid: Tensor, codebook_size: int) -> tuple[Tensor
     """Perplexity exp(H(average one-hot usage)) and the number of distinct codes, over valid positions."""
     counts = torch.zeros(codebook_size, dtype=torch.float64, device=codes.device)  # no boolean indexing or
     counts.index_add_(0, codes.reshape(-1), valid.reshape(-1).to(torch.float64))  # bincount: no host sync
+    counts = _all_reduce_sum(counts)  # under DDP: usage over the global batch, the same on every rank
     probs = counts / counts.sum().clamp_min(1.0)
     perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
     return perplexity.float(), (counts > 0).sum()

@@ -1,4 +1,5 @@
 """Two gloo processes on the CPU train exactly like one process with the same global batch, and fail cleanly."""
+import json
 import os
 import subprocess
 import sys
@@ -62,9 +63,11 @@ def test_two_processes_match_one_and_resume(tiny_store, tmp_path):
 
 def test_noisy_sq_two_processes_match_one(tiny_store, tmp_path):
     """Gumbel and jitter noise differ between the ranks' rows and still equal the one-process draw."""
-    _run(tiny_store, tmp_path / "one", 1, 4, SQ)
-    _run(tiny_store, tmp_path / "two", 2, 4, SQ)
+    _run(tiny_store, tmp_path / "one", 1, 4, SQ, "--set", "train.log_every=1")
+    _run(tiny_store, tmp_path / "two", 2, 4, SQ, "--set", "train.log_every=1")
     _assert_same(tmp_path / "one", tmp_path / "two", SQ)
+    first = [json.loads((tmp_path / run / "history.jsonl").read_text().splitlines()[0]) for run in ("one", "two")]
+    assert first[1]["perplexity"] == pytest.approx(first[0]["perplexity"], rel=1e-3)  # code usage of the global batch
     state = checkpoint.load(checkpoint.latest(tmp_path / "two"))
     assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0]["torch"],
                                                             state["rng_ranks"][1]["torch"])
