@@ -1,23 +1,31 @@
-"""SQ-VAE IV vs VQ-VAE-EMA baselines on vctk-mini at one small budget (real recordings).
+"""SQ-VAE IV (plain, decoder-calibrated, hard-ST) vs VQ-VAE-EMA baselines on a mini speech corpus at one budget.
 
-Prepares the corpus (once), trains `vctk/mini_sqvae_gauss4` and each baseline of `--baselines` for every seed
-(one process per run, one thread each, `--jobs` at a time; finished runs are skipped, cut-off runs resumed),
-evaluates each on the test split and prints test mel-MSE (dB^2), perplexity and used codes per seed and as
-mean +- std, then, per baseline, whether SQ-VAE IV has the lower MSE and the higher perplexity on average.
-Baselines (docs/training.md): textbook objective with EMA decay 0.999 (`vq`) or 0.99 (`vq_decay099`), and
-the MLE-sigma objective with decay 0.999 (`vq_mle_sigma`).
+Trains each chosen model for every seed (one process per run, one thread each, `--jobs` at a time, each run and
+its evaluation under `--timeout`; finished runs are skipped, cut-off runs resumed), evaluates each on the test
+split and prints test mel-MSE (dB^2), perplexity and used codes per seed and as mean +- std, then the issue-13
+acceptance check of `--option` against the best VQ-VAE-EMA model run (lowest mean mel-MSE among the `vq*` models,
+plain or calibrated): mean mel-MSE at least 5% below it, lower on at least 80% of the seeds (4 of 5, 3 of 3)
+paired by seed, and a higher mean perplexity. Writes every result and the check to `--json`.
 
-    .venv/bin/python benchmarks/vctk_mini_comparison.py [--data ../shared/data/vctk-mini] [--work runs/vctk-mini]
-        [--seeds 1234 1 2] [--jobs 2] [--baselines vq vq_decay099 vq_mle_sigma] [--device cuda]
+Corpora: `vctk` (recipes vctk/mini_*) and `zerospeech` (zerospeech2019/mini_*). Data: `--feats DIR`, an
+already-prepared feature store (`sqaudio prepare` output), or (vctk) `--data RAW`, prepared into WORK/feats.
+`--steps N` shrinks the budget of every model alike (calibration steps, hard_from_step and lr milestones scale
+with it), for smoke tests and time-boxed GPU runs.
+
+    .venv/bin/python benchmarks/vctk_mini_comparison.py --corpus vctk --feats /work/feats/vctk-mini \
+        --work runs/cmp-vctk --seeds 1234 1 2 3 4 --jobs 2 \
+        [--models sq sq_calibrated sq_hardst vq vq_decay099 vq_decay099_calibrated] [--device cuda] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,76 +33,195 @@ import yaml
 
 from sqaudio.config import load_recipe, to_dict
 
-MODEL = ("SQ-VAE IV", "vctk/mini_sqvae_gauss4")
-BASELINES = {"vq": ("VQ-VAE-EMA textbook 0.999", "vctk/mini_vqvae_ema"),
-             "vq_decay099": ("VQ-VAE-EMA textbook 0.99", "vctk/mini_vqvae_ema_decay099"),
-             "vq_mle_sigma": ("VQ-VAE-EMA MLE-sigma 0.999", "vctk/mini_vqvae_ema_mle_sigma")}
+CORPORA = {"vctk": "vctk", "zerospeech": "zerospeech2019"}
+# key -> (label, recipe name under the corpus folder)
+MODELS = {"sq": ("SQ-VAE IV", "mini_sqvae_gauss4"),
+          "sq_calibrated": ("SQ-VAE IV + decoder calibration", "mini_sqvae_gauss4_calibrated"),
+          "sq_hardst": ("SQ-VAE IV + late hard-ST samples", "mini_sqvae_gauss4_hardst"),
+          "vq": ("VQ-VAE-EMA textbook 0.999", "mini_vqvae_ema"),
+          "vq_decay099": ("VQ-VAE-EMA textbook 0.99", "mini_vqvae_ema_decay099"),
+          "vq_calibrated": ("VQ-VAE-EMA textbook 0.999 + calibration", "mini_vqvae_ema_calibrated"),
+          "vq_decay099_calibrated": ("VQ-VAE-EMA textbook 0.99 + calibration", "mini_vqvae_ema_decay099_calibrated"),
+          "vq_mle_sigma": ("VQ-VAE-EMA MLE-sigma 0.999", "mini_vqvae_ema_mle_sigma")}  # vctk only
+DEFAULT_MODELS = ["sq", "sq_calibrated", "sq_hardst", "vq", "vq_decay099", "vq_decay099_calibrated"]
 METRICS = ("mel_mse_db2", "perplexity", "used_codes")
 
 
-def sqaudio(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "sqaudio", *args], check=True, env=env)
+def sqaudio(args: list[str], timeout: float | None, log: Path | None = None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if log is None:
+        subprocess.run([sys.executable, "-m", "sqaudio", *args], check=True, env=env, timeout=timeout)
+        return
+    with open(log, "a") as f:
+        subprocess.run([sys.executable, "-m", "sqaudio", *args], check=True, env=env, timeout=timeout,
+                       stdout=f, stderr=subprocess.STDOUT)
 
 
-def run_one(feats: Path, run: Path, recipe: str, seed: int, steps: int, device: list[str]) -> dict:
-    """Train (or resume, or skip) one run and evaluate its final checkpoint on the test split."""
-    result = run / "eval-test.json"
+def budget_overrides(recipe: str, steps: int | None) -> list[str]:
+    """--set items that scale a recipe to `steps` (None: the recipe's own budget, no overrides)."""
+    if steps is None:
+        return []
+    r = load_recipe(recipe)
+    frac = steps / r.train.steps
+    out = [f"train.steps={steps}", f"train.calibration_steps={round(r.train.calibration_steps * frac)}",
+           f"train.milestones={[max(1, round(m * frac)) for m in r.train.milestones]}",
+           f"train.checkpoint_every={max(1, min(r.train.checkpoint_every, steps))}",
+           f"train.log_every={max(1, min(r.train.log_every, steps // 4 or 1))}"]
+    if r.quantizer.hard_from_step is not None:
+        out.append(f"quantizer.hard_from_step={round(r.quantizer.hard_from_step * frac)}")
+    return out
+
+
+def run_one(feats: Path, run: Path, recipe: str, seed: int, steps: int | None, device: list[str],
+            timeout: float, deadline: float) -> dict:
+    """Train (or resume, or skip) one run and evaluate its final checkpoint on the test split; the run ends
+    after `timeout` seconds or at the monotonic `deadline`, whichever comes first."""
+    started = time.monotonic()
+    timeout = min(timeout, deadline - started)
+    if timeout < 30:
+        raise RuntimeError("no time left before the deadline (not started)")
+    overrides = [*budget_overrides(recipe, steps), f"train.seed={seed}"]
+    expected = load_recipe(recipe, overrides)
+    total = expected.train.steps
     saved = run / "config.yaml"
-    if saved.is_file() and yaml.safe_load(saved.read_text())["quantizer"] != to_dict(load_recipe(recipe).quantizer):
-        sys.exit(f"{run} was trained with another quantizer config than {recipe} now has; choose another --work")
-    if not (run / f"checkpoint-{steps}.pt").exists():
-        resume = ["--resume"] if run.is_dir() and any(run.glob("checkpoint-*.pt")) else []
-        sqaudio("train", recipe, "--data", str(feats), "--out", str(run), "--quiet", *resume, *device,
-                "--set", f"train.seed={seed}")
-    if not result.exists() or json.loads(result.read_text()).get("step") != steps:
-        sqaudio("evaluate", str(run), "--data", str(feats), "--json", str(result), *device)
-    return json.loads(result.read_text())
+    if saved.is_file() and yaml.safe_load(saved.read_text())["quantizer"] != to_dict(expected.quantizer):
+        raise RuntimeError(f"{run} was trained with another quantizer config than {recipe} now has; "
+                           f"choose another --work")
+    run.mkdir(parents=True, exist_ok=True)
+    log = run / "benchmark.log"
+    if not (run / f"checkpoint-{total}.pt").exists():
+        resume = ["--resume"] if any(run.glob("checkpoint-*.pt")) else []
+        sets = [a for o in overrides for a in ("--set", o)]
+        sqaudio(["train", recipe, "--data", str(feats), "--out", str(run), "--quiet", *resume, *device, *sets],
+                timeout, log)
+    result = run / "eval-test.json"
+    if not result.exists() or json.loads(result.read_text()).get("step") != total:
+        left = max(60.0, timeout - (time.monotonic() - started))
+        sqaudio(["evaluate", str(run), "--data", str(feats), "--split", "test", "--overwrite", *device], left, log)
+    out = json.loads(result.read_text())
+    out["wall_s"] = round(time.monotonic() - started, 1)
+    history = run / "history.jsonl"
+    if history.exists() and history.read_text().strip():
+        out["train_last"] = json.loads(history.read_text().splitlines()[-1])
+    return out
+
+
+def _log_tail(run: Path, lines: int = 6) -> str:
+    log = run / "benchmark.log"
+    return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:]) if log.exists() else ""
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def acceptance(results: dict, option: str, seeds: list[int]) -> dict:
+    """The issue-13 check of `option` against the best (lowest mean mel-MSE) VQ model that finished every seed."""
+    def done(name, seed):
+        return "mel_mse_db2" in results.get((name, seed), {})
+
+    asked = len(seeds)
+    seeds = [s for s in seeds if done(option, s)]  # a failed or cut-off seed is left out (and reported)
+    vqs = sorted(n for n in {k[0] for k in results} if n.startswith("vq") and all(done(n, s) for s in seeds))
+    if not seeds or not vqs:
+        return {"passed": False, "reason": "the option or every VQ baseline is missing runs"}
+    mean = {n: statistics.fmean(results[(n, s)]["mel_mse_db2"] for s in seeds) for n in vqs + [option]}
+    best = min(vqs, key=mean.get)
+    need = math.ceil(0.8 * len(seeds))
+    wins = sum(results[(option, s)]["mel_mse_db2"] < results[(best, s)]["mel_mse_db2"] for s in seeds)
+    ppl = {n: statistics.fmean(results[(n, s)]["perplexity"] for s in seeds) for n in (option, best)}
+    rel = mean[option] / mean[best] - 1
+    checks = {"mse_5pct_below": rel <= -0.05, "enough_wins": wins >= need, "higher_perplexity": ppl[option] > ppl[best]}
+    return {"option": option, "best_vq": best, "option_mse": mean[option], "best_vq_mse": mean[best],
+            "relative": rel, "wins": wins, "seeds": len(seeds), "wins_needed": need,
+            "option_perplexity": ppl[option], "best_vq_perplexity": ppl[best], **checks,
+            "complete": len(seeds) == asked, "passed": all(checks.values()) and len(seeds) == asked}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/vctk-mini", help="raw vctk-mini (VCTK 0.92 layout)")
-    parser.add_argument("--work", default="runs/vctk-mini", help="features and runs go here")
+    parser.add_argument("--corpus", choices=list(CORPORA), default="vctk")
+    parser.add_argument("--feats", default=None, help="an already-prepared feature store (skips prepare)")
+    parser.add_argument("--data", default="../shared/data/vctk-mini", help="raw vctk-mini, prepared when no --feats")
+    parser.add_argument("--work", default="runs/vctk-mini", help="runs (and prepared features) go here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
-    parser.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
+    parser.add_argument("--option", default="sq_calibrated", choices=list(MODELS), help="model checked for acceptance")
+    parser.add_argument("--steps", type=int, default=None, help="scale every budget to this many steps")
+    parser.add_argument("--timeout", type=float, default=24 * 3600, help="seconds per run (train + evaluate)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from now after which no run starts and running ones are stopped")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    parser.add_argument("--json", default=None, help="write all results and the check here")
     args = parser.parse_args()
-    recipes = dict([MODEL] + [BASELINES[b] for b in args.baselines])
+    folder = CORPORA[args.corpus]
+    if args.corpus != "vctk" and "vq_mle_sigma" in args.models:
+        parser.error("vq_mle_sigma has a recipe for vctk only")
+    recipes = {name: f"{folder}/{MODELS[name][1]}" for name in args.models}
     device = ["--device", args.device] if args.device else []
 
     work = Path(args.work)
-    feats = work / "feats"
-    if not (feats / "manifest.jsonl").exists():
-        sqaudio("prepare", args.data, str(feats))
-    steps = {name: load_recipe(recipe).train.steps for name, recipe in recipes.items()}
-    if len(set(steps.values())) != 1:
-        sys.exit(f"the recipes must share one budget, got {steps}")
-    steps = steps[MODEL[0]]
-    jobs = {(name, seed): (feats, work / f"{recipe.split('/')[-1]}-seed{seed}", recipe, seed, steps, device)
-            for name, recipe in recipes.items() for seed in args.seeds}
+    if args.feats:
+        feats = Path(args.feats)
+        if not (feats / "manifest.jsonl").exists():
+            sys.exit(f"{feats} is not a prepared feature store (no manifest.jsonl)")
+    else:
+        if args.corpus != "vctk":
+            sys.exit("--corpus zerospeech needs --feats (a prepared store)")
+        feats = work / "feats"
+        if not (feats / "manifest.jsonl").exists():
+            sqaudio(["prepare", args.data, str(feats)], None)
+    budgets = {name: load_recipe(r, budget_overrides(r, args.steps)).train.steps for name, r in recipes.items()}
+    if len(set(budgets.values())) != 1:
+        sys.exit(f"the recipes must share one budget, got {budgets}")
+    steps = next(iter(budgets.values()))
+    deadline = time.monotonic() + (args.deadline if args.deadline is not None else 10 * 365 * 86400)
+    # seeds outermost: when the deadline cuts the last wave, every model has lost the same seeds
+    jobs = {(name, seed): (feats, work / f"{MODELS[name][1]}-seed{seed}", recipe, seed, args.steps, device,
+                           args.timeout, deadline) for seed in args.seeds for name, recipe in recipes.items()}
+    results: dict = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {key: pool.submit(run_one, *job) for key, job in jobs.items()}
-        results = {key: f.result() for key, f in futures.items()}
+        for key, fut in futures.items():
+            try:
+                results[key] = fut.result()
+            except Exception as err:  # a failed or timed-out run is reported, the others still count
+                results[key] = {"error": f"{type(err).__name__}: {err}", "log": _log_tail(jobs[key][1])}
+                print(f"FAILED {key[0]} seed {key[1]}: {results[key]['error']}", file=sys.stderr)
 
-    print(f"\nvctk-mini test split, {steps} steps per run\n")
+    print(f"\n{args.corpus}-mini test split, {steps} steps per run\n")
     print("| model | seed | mel-MSE (dB^2) | perplexity | used codes |\n|---|---|---|---|---|")
-    for (name, seed), r in results.items():
-        print(f"| {name} | {seed} | {r['mel_mse_db2']:.2f} | {r['perplexity']:.1f} | {r['used_codes']} |")
-    means = {}
+    for (name, seed), r in sorted(results.items(), key=lambda kv: (list(recipes).index(kv[0][0]),
+                                                                   args.seeds.index(kv[0][1]))):
+        if "error" in r:
+            print(f"| {MODELS[name][0]} | {seed} | failed | | |")
+        else:
+            print(f"| {MODELS[name][0]} | {seed} | {r['mel_mse_db2']:.2f} | {r['perplexity']:.1f} | {r['used_codes']} |")
+    summary = {}
     for name in recipes:
-        rows = [results[(name, s)] for s in args.seeds]
-        means[name] = {m: statistics.fmean(r[m] for r in rows) for m in METRICS}
-        spread = {m: statistics.stdev(r[m] for r in rows) if len(rows) > 1 else 0.0 for m in METRICS}
-        print(f"| {name} | mean +- std | {means[name]['mel_mse_db2']:.2f} +- {spread['mel_mse_db2']:.2f} | "
-              f"{means[name]['perplexity']:.1f} +- {spread['perplexity']:.1f} | {means[name]['used_codes']:.0f} |")
-    sq = means[MODEL[0]]
-    for name in list(recipes)[1:]:
-        vq = means[name]
-        print(f"\nvs {name}: SQ-VAE IV lower mel-MSE: {sq['mel_mse_db2'] < vq['mel_mse_db2']} "
-              f"({sq['mel_mse_db2'] - vq['mel_mse_db2']:+.2f} dB^2); higher perplexity: "
-              f"{sq['perplexity'] > vq['perplexity']} (x{sq['perplexity'] / vq['perplexity']:.2f})")
+        rows = [results[(name, s)] for s in args.seeds if "error" not in results[(name, s)]]
+        if not rows:
+            continue
+        stats = {m: _mean_std([float(r[m]) for r in rows]) for m in METRICS}
+        summary[name] = {m: {"mean": v[0], "std": v[1]} for m, v in stats.items()} | {"runs": len(rows)}
+        print(f"| {MODELS[name][0]} | mean +- std ({len(rows)}) | {stats['mel_mse_db2'][0]:.2f} +- "
+              f"{stats['mel_mse_db2'][1]:.2f} | {stats['perplexity'][0]:.1f} +- {stats['perplexity'][1]:.1f} | "
+              f"{stats['used_codes'][0]:.0f} |")
+    check = acceptance(results, args.option, args.seeds)
+    print(f"\nacceptance ({args.corpus}): {json.dumps(check)}")
+    if "best_vq" in check:
+        print(f"{MODELS[args.option][0]} vs best VQ ({MODELS[check['best_vq']][0]}): mean mel-MSE "
+              f"{check['option_mse']:.2f} vs {check['best_vq_mse']:.2f} ({100 * check['relative']:+.1f}%, need <= -5%), "
+              f"lower on {check['wins']}/{check['seeds']} seeds (need {check['wins_needed']}), perplexity "
+              f"{check['option_perplexity']:.1f} vs {check['best_vq_perplexity']:.1f} -> "
+              f"{'PASS' if check['passed'] else 'FAIL'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "corpus": args.corpus, "steps": steps, "seeds": args.seeds, "feats": str(feats),
+            "recipes": recipes, "runs": [{"model": n, "seed": s, **r} for (n, s), r in results.items()],
+            "summary": summary, "acceptance": check}, indent=1))
 
 
 if __name__ == "__main__":
