@@ -328,7 +328,8 @@ def _log(writer, out: Path, row: dict[str, Any]) -> None:
 
 
 def _finish(out: Path, last: dict[str, Any], quiet: bool) -> None:
-    plot_annealing(out)
+    """Plots, then the summary on stdout (progress and notes go to stderr): final statistics and every output."""
+    plot = plot_annealing(out)
     if quiet or not last:
         return
     table = Table(title=f"training finished: {out}")
@@ -336,4 +337,10 @@ def _finish(out: Path, last: dict[str, Any], quiet: bool) -> None:
     table.add_column("value", justify="right")
     for key, value in last.items():
         table.add_row(key, f"{value:.5g}" if isinstance(value, float) else str(value))
-    console.print(table)
+    stdout = Console()
+    stdout.print(table)
+    outputs = [("checkpoint", checkpoint.latest(out)), ("config", out / "config.yaml"), ("history", out / HISTORY),
+               ("TensorBoard logs", out / "tensorboard"), ("self-annealing plot", plot)]
+    for what, path in outputs:
+        if path is not None:
+            stdout.print(f"wrote {what}: {path}", highlight=False, soft_wrap=True)

@@ -187,3 +187,15 @@ def test_summaries_on_stdout_notes_and_errors_on_stderr(cli, tiny_model, tmp_pat
     assert f"wrote 1 wav(s): {tmp_path / 'dec'}" in result.stdout.replace("\n", "")
     result = cli("reconstruct", tmp_path / "missing.wav", "-o", tmp_path / "x.wav", "--model", tiny_model)
     assert result.exit_code == 2 and result.stdout == "" and "not found" in result.stderr
+
+
+def test_train_summary_on_stdout_names_every_output(cli, tiny_store, tmp_path):
+    run = tmp_path / "run"
+    result = cli("train", "demo/tiny", "--data", tiny_store, "--out", run, "--set", "train.steps=2",
+                 "--set", "train.log_every=1", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout.replace("\n", "")
+    assert "training finished" in out and "training finished" not in result.stderr
+    for what, path in [("checkpoint", run / "checkpoint-2.pt"), ("config", run / "config.yaml"),
+                       ("history", run / "history.jsonl"), ("self-annealing plot", run / "annealing.png")]:
+        assert f"wrote {what}: {path}" in out and path.exists()
