@@ -12,8 +12,10 @@ was measured and dropped. On other devices torch.stft is used. Both paths agree 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import soundfile as sf
@@ -79,10 +81,19 @@ def read_audio(path: str | Path, offset: float = 0.0, duration: float | None = N
         stop = start + int(round(duration * rate)) if rate and duration is not None else None
         data, rate = sf.read(str(path), start=start, stop=stop, dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises several types for corrupt/unknown files
-        raise AudioError(f"unreadable audio: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise _unreadable(err) from None
     if data.size == 0:
         raise AudioError("empty audio (no samples)" + (f" at offset {offset:g} s" if offset else ""))
-    return (data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)), rate
+    return _mono(data), rate
+
+
+def _mono(data: np.ndarray) -> np.ndarray:
+    """(samples, channels) float32 -> (samples,): the first channel, or the channels' mean."""
+    return data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
+
+
+def _unreadable(err: Exception) -> AudioError:
+    return AudioError(f"unreadable audio: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
 
 
 def resample(wav: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
@@ -101,19 +112,36 @@ def load_audio(path: str | Path, cfg: FeatureConfig, offset: float = 0.0, durati
 
 def prepare_waveform(wav: np.ndarray, rate: int, cfg: FeatureConfig) -> np.ndarray:
     """Validate a mono waveform and resample it to cfg.sample_rate. Raises AudioError."""
+    _check_finite(wav)
+    _check_rate(rate)
+    if wav.size:
+        _check_range(float(wav.min()), float(wav.max()))
+    out = resample(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)), rate, cfg.sample_rate).numpy()
+    _check_resampled(out.shape[-1], bool(np.any(np.abs(out) > 0)), cfg)
+    return out
+
+
+def _check_finite(wav: np.ndarray) -> None:
     if not np.all(np.isfinite(wav)):
         raise AudioError("audio contains NaN or infinite samples")
+
+
+def _check_rate(rate: int) -> None:
     if not MIN_RATE <= rate <= MAX_RATE:
         raise AudioError(f"unsupported sample rate {rate} Hz (need {MIN_RATE}-{MAX_RATE} Hz)")
-    if wav.size and float(wav.max()) - float(wav.min()) < SILENCE:
+
+
+def _check_range(low: float, high: float) -> None:
+    if high - low < SILENCE:
         raise AudioError("all-silent audio (constant or below -80 dBFS)")
-    out = resample(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)), rate, cfg.sample_rate).numpy()
-    if out.shape[-1] < min_samples(cfg):
-        raise AudioError(f"too short: {out.shape[-1] / cfg.sample_rate:.3f} s, need at least "
+
+
+def _check_resampled(samples: int, nonzero: bool, cfg: FeatureConfig) -> None:
+    if samples < min_samples(cfg):
+        raise AudioError(f"too short: {samples / cfg.sample_rate:.3f} s, need at least "
                          f"{min_samples(cfg) / cfg.sample_rate:.3f} s")
-    if not np.any(np.abs(out) > 0):
+    if not nonzero:
         raise AudioError("all-silent audio")
-    return out
 
 
 class LogMel(torch.nn.Module):
@@ -138,22 +166,42 @@ class LogMel(torch.nn.Module):
         self.register_buffer("window", torch.hann_window(cfg.win_length, periodic=True), persistent=False)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
         wav = wav.to(self.fbank.dtype)
-        peak = wav.abs().amax(dim=-1, keepdim=True)
-        wav = wav / peak * cfg.peak
-        wav = torch.cat([wav[..., :1], wav[..., 1:] - cfg.preemphasis * wav[..., :-1]], dim=-1)
+        wav = self.preemphasise(self.normalise(wav, wav.abs().amax(dim=-1, keepdim=True)))
         if self.method == "frames" or (self.method == "auto" and wav.device.type == "cpu"):
-            frames = self._frames(wav)  # (B, T, win), a view
-            mel = torch.cat([torch.matmul(self.fbank, self._magnitude(chunk).transpose(1, 2))  # (B, mels, chunk)
-                             for chunk in frames.split(FRAME_CHUNK, dim=1)], dim=-1)
+            mel = self.mel(self._frames(wav))
         else:
-            spec = torch.stft(wav, cfg.n_fft, cfg.hop_length, cfg.win_length, self.window, center=True,
-                              pad_mode=cfg.pad_mode, return_complex=True).abs()  # (B, freqs, frames)
+            spec = torch.stft(wav, self.cfg.n_fft, self.cfg.hop_length, self.cfg.win_length, self.window,
+                              center=True, pad_mode=self.cfg.pad_mode, return_complex=True).abs()  # (B, freqs, T)
             mel = torch.matmul(self.fbank, spec)  # (B, mels, frames)
-        db = 20.0 * torch.log10(mel.clamp(min=AMIN))
-        db = torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - cfg.top_db)
-        return db / cfg.top_db + 1.0
+        db = self.db(mel)
+        return self.floor(db, db.amax(dim=(-2, -1), keepdim=True))
+
+    # The steps of `forward`, shared with the streaming `MelStream` (one definition of the feature).
+    def normalise(self, wav: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+        """Peak normalisation to cfg.peak, given the whole signal's peak |sample|."""
+        return wav / peak * self.cfg.peak
+
+    def preemphasise(self, wav: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """y[n] = x[n] - p x[n-1] along the last axis; `previous`: the sample before wav (None: wav starts the file)."""
+        if previous is None:
+            return torch.cat([wav[..., :1], wav[..., 1:] - self.cfg.preemphasis * wav[..., :-1]], dim=-1)
+        wav = torch.cat([previous, wav], dim=-1)
+        return wav[..., 1:] - self.cfg.preemphasis * wav[..., :-1]
+
+    def mel(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, win) frames under the window -> (B, mels, T) amplitude mel, FRAME_CHUNK frames at a time."""
+        return torch.cat([torch.matmul(self.fbank, self._magnitude(chunk).transpose(1, 2))  # (B, mels, chunk)
+                          for chunk in frames.split(FRAME_CHUNK, dim=1)], dim=-1)
+
+    @staticmethod
+    def db(mel: torch.Tensor) -> torch.Tensor:
+        """Amplitude mel -> dB (20 log10 max(S, AMIN))."""
+        return 20.0 * torch.log10(mel.clamp(min=AMIN))
+
+    def floor(self, db: torch.Tensor, max_db: torch.Tensor) -> torch.Tensor:
+        """dB -> normalised log-mel, floored at the whole utterance's max_db - top_db."""
+        return torch.maximum(db, max_db - self.cfg.top_db) / self.cfg.top_db + 1.0
 
     def _frames(self, wav: torch.Tensor) -> torch.Tensor:
         """The win_length samples under the window of every torch.stft(center=True) frame: (B, samples) -> (B, T, win).
@@ -166,6 +214,11 @@ class LogMel(torch.nn.Module):
         pad = cfg.n_fft // 2
         padded = F.pad(wav[:, None], (pad, pad), mode=cfg.pad_mode)[:, 0]  # (B, samples + 2 pad)
         return padded[:, start:].unfold(-1, cfg.win_length, cfg.hop_length)[:, : wav.shape[-1] // cfg.hop_length + 1]
+
+    @property
+    def window_offset(self) -> int:
+        """Frame t's window covers samples [t hop - window_offset, t hop - window_offset + win_length)."""
+        return self.cfg.n_fft // 2 - (self.cfg.n_fft - self.cfg.win_length) // 2
 
     def _magnitude(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, win) frames -> (B, T, freqs) |rfft| (taken on the real view: complex abs is slow on the CPU)."""
@@ -185,19 +238,17 @@ class LogMel(torch.nn.Module):
         rows = []
         for wav in wavs:
             wav = wav.to(self.fbank)
-            wav = wav / wav.abs().amax() * cfg.peak
-            wav = torch.cat([wav[:1], wav[1:] - cfg.preemphasis * wav[:-1]])
+            wav = self.preemphasise(self.normalise(wav, wav.abs().amax()))
             rows.append(F.pad(wav[None, None], (pad, pad), mode=cfg.pad_mode)[0, 0])
         longest = max(len(r) for r in rows)
         padded = torch.stack([F.pad(r, (0, longest - len(r))) for r in rows])  # (B, longest)
         start = (cfg.n_fft - cfg.win_length) // 2
         frames = padded[:, start:].unfold(-1, cfg.win_length, cfg.hop_length)  # (B, T, win), a view
-        mel = torch.cat([torch.matmul(self.fbank, self._magnitude(chunk).transpose(1, 2))  # (B, mels, chunk)
-                         for chunk in frames.split(FRAME_CHUNK, dim=1)], dim=-1)  # memory: chunks, not T
+        mel = self.mel(frames)  # memory: chunks, not T
         out = []
         for row, wav in zip(mel, wavs):
-            db = 20.0 * torch.log10(row[:, : len(wav) // cfg.hop_length + 1].clamp(min=AMIN))
-            out.append(torch.maximum(db, db.amax() - cfg.top_db) / cfg.top_db + 1.0)
+            db = self.db(row[:, : len(wav) // cfg.hop_length + 1])
+            out.append(self.floor(db, db.amax()))
         return out
 
 
@@ -221,3 +272,184 @@ def _cached_logmel(cfg: FeatureConfig) -> LogMel:
 def logmel_to_db(logmel: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     """Undo the final normalisation: normalised log-mel -> dB."""
     return (logmel - 1.0) * cfg.top_db
+
+
+# ------------------------------------------------------------------ streaming: the same feature in flat memory
+
+READ_BLOCK = 1 << 16     # input frames per file read in the streaming path
+RESAMPLE_CALL = 1 << 16  # input samples per resample call at least: torch picks its conv1d algorithm by size, and
+                         # calls this long use the whole-signal call's (bit-identical output, measured 8-48 kHz)
+MEL_BLOCK = 1000         # log-mel frames per streamed chunk (10 s at 16 kHz / hop 160)
+
+
+def read_blocks(path: str | Path, block: int = READ_BLOCK) -> tuple[int, Iterator[np.ndarray]]:
+    """(sample rate, iterator of float32 mono blocks) of a file, read `block` frames at a time (as `read_audio`,
+    down-mixed the same way). Raises AudioError when the file cannot be opened or read, or holds no samples."""
+    try:
+        rate = sf.info(str(path)).samplerate
+    except Exception as err:
+        raise _unreadable(err) from None
+
+    def blocks() -> Iterator[np.ndarray]:
+        seen = 0
+        try:
+            with sf.SoundFile(str(path)) as f:
+                while True:
+                    data = f.read(block, dtype="float32", always_2d=True)
+                    if not len(data):
+                        break
+                    seen += len(data)
+                    yield _mono(data)
+        except AudioError:
+            raise
+        except Exception as err:
+            raise _unreadable(err) from None
+        if not seen:
+            raise AudioError("empty audio (no samples)")
+
+    return rate, blocks()
+
+
+def resample_blocks(blocks: Iterable[np.ndarray], orig_rate: int, new_rate: int) -> Iterator[torch.Tensor]:
+    """`resample` of the concatenated blocks, yielded piece by piece in bounded memory.
+
+    The kaiser sinc resampler (torchaudio's polyphase conv1d with stride orig) makes output unit k (new samples)
+    from input [k orig - width, (k + 1) orig + width), zero outside the signal. Each piece is `resample` of an
+    input slice that starts on a unit boundary with at least `width` samples of real context on both sides (or
+    the file's own end), so every output sample sees exactly the inputs (and zero padding) it sees in the
+    whole-signal call. Calls are at least RESAMPLE_CALL samples long, which keeps torch's conv1d on the same
+    algorithm as the whole-signal call: the pieces join to the one-pass result exactly in the tests (bit for bit),
+    and at worst up to float rounding of the convolution (~1e-7) should a build pick another algorithm."""
+    if orig_rate == new_rate:
+        for block in blocks:
+            yield torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+        return
+    g = math.gcd(int(orig_rate), int(new_rate))
+    orig, new = int(orig_rate) // g, int(new_rate) // g
+    width = math.ceil(KAISER_BEST["lowpass_filter_width"] * orig / (min(orig, new) * KAISER_BEST["rolloff"]))
+    context = -(-width // orig) + 1  # units of context per side
+    buf, start, done = np.zeros(0, np.float32), 0, 0  # buf holds input [start, start + len(buf)); units < done out
+    for block in itertools.chain(blocks, [None]):
+        if block is not None:
+            buf = np.concatenate([buf, np.asarray(block, dtype=np.float32)])
+            ready = (start + len(buf) - width) // orig  # units whose input lies in what was read
+            s0 = max(0, (done - context) * orig)
+            if ready - done < 1 or ready * orig + width - s0 < RESAMPLE_CALL:
+                continue
+            stop = ready * orig + width
+        else:  # the end: one call of at least RESAMPLE_CALL samples (or the whole file), as the whole-signal call
+            ready, stop = None, start + len(buf)
+            s0 = max(0, min((done - context) * orig, (stop - RESAMPLE_CALL) // orig * orig))
+        out = resample(torch.from_numpy(buf[s0 - start:stop - start]), orig_rate, new_rate)
+        first = (done - s0 // orig) * new
+        yield out[first:] if ready is None else out[first:first + (ready - done) * new]
+        if ready is not None:
+            done = ready
+            total = start + len(buf)
+            keep = max(start, min((done - context) * orig, (total - RESAMPLE_CALL) // orig * orig))
+            buf, start = buf[keep - start:], keep
+
+
+class MelStream:
+    """`log_mel_spectrogram(load_audio(path, cfg), cfg)` of a file, computed in two passes in flat memory.
+
+    Pass 1 (here): reads the file in blocks, validates it as `prepare_waveform` does, resamples it in blocks
+    (`resample_blocks`) and records the resampled length, its peak |sample| and the largest mel amplitude of the
+    un-normalised signal (the mel is linear in the waveform's scale, so the normalised maximum follows: max_db).
+    Pass 2 (`chunks`, repeatable): reads and resamples again and yields the normalised log-mel in chunks of
+    `block_frames` frames, computed with the same `LogMel` steps (normalise, pre-emphasis carried across blocks,
+    frames under the window with the STFT's reflect padding at the two file ends, |rfft|, mel, dB, the
+    max_db - top_db floor). Equal to the one-pass feature to ~1e-6. Memory: a few blocks, whatever the length.
+
+    Args:
+        logmel: the LogMel (its device) to use; a cached CPU one by default.
+    """
+
+    def __init__(self, path: str | Path, cfg: FeatureConfig, logmel: LogMel | None = None,
+                 block_frames: int = MEL_BLOCK, read_block: int = READ_BLOCK):
+        self.path, self.cfg = Path(path), cfg
+        self.logmel = logmel if logmel is not None else _cached_logmel(cfg)
+        if self.logmel.cfg != cfg:
+            raise ValueError("logmel was built for another feature config")
+        self.block_frames, self.read_block = max(int(block_frames), 1), int(read_block)
+        rate, _ = read_blocks(self.path, self.read_block)
+        _check_rate(rate)
+        self.rate = rate
+        self.low, self.high, self.samples = math.inf, -math.inf, 0
+        top = None
+        for part in self._mel_parts(None):
+            top = part.amax() if top is None else torch.maximum(top, part.amax())
+        _check_range(self.low, self.high)
+        _check_resampled(self.samples, self._nonzero, cfg)
+        dtype = self.logmel.fbank.dtype
+        self.peak = self._peak.to(self.logmel.fbank.device, dtype)
+        # max over the normalised signal's mel = (max over the raw one) * cfg.peak / peak (linearity), then dB
+        self.max_db = self.logmel.db(top / self.peak * cfg.peak)
+        self.frames = self.samples // cfg.hop_length + 1
+
+    def _resampled(self, first_pass: bool) -> Iterator[torch.Tensor]:
+        rate, blocks = read_blocks(self.path, self.read_block)
+
+        def checked() -> Iterator[np.ndarray]:
+            for block in blocks:
+                if first_pass:
+                    _check_finite(block)
+                    self.low, self.high = min(self.low, float(block.min())), max(self.high, float(block.max()))
+                yield block
+
+        if first_pass:
+            self._peak, self._nonzero = torch.zeros(()), False
+        for part in resample_blocks(checked(), rate, self.cfg.sample_rate):
+            if first_pass and part.numel():
+                self.samples += part.shape[-1]
+                self._peak = torch.maximum(self._peak, part.abs().amax())
+                self._nonzero = self._nonzero or bool((part != 0).any())
+            yield part
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """Pass 2: normalised log-mel (n_mels, frames_i) chunks tiling the file's `frames` frames, in order."""
+        for mel in self._mel_parts(self.peak):
+            yield self.logmel.floor(self.logmel.db(mel), self.max_db)[0]
+
+    def _mel_parts(self, peak: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        """Amplitude mel (1, n_mels, f) chunks: pass 1 (peak None: raw signal, first pass) or pass 2 (normalised).
+
+        Frame t takes pre-emphasised samples [t hop - off, t hop - off + win); indices outside [0, N) are
+        reflected (torch's reflect padding of the whole signal), which needs N, known at the end of the file."""
+        lm, cfg = self.logmel, self.cfg
+        hop, win, off = cfg.hop_length, cfg.win_length, lm.window_offset
+        device = lm.fbank.device
+        buf = torch.zeros(0, device=device)  # pre-emphasised samples [base, base + len(buf))
+        base, done, previous = 0, 0, None  # frames < done are out; previous: last normalised sample
+        parts = self._resampled(peak is None)
+        for part in itertools.chain(parts, [None]):
+            if part is not None:
+                x = part.to(device, lm.fbank.dtype)
+                if not x.numel():
+                    continue
+                if peak is not None:
+                    x = lm.normalise(x, peak)
+                y = lm.preemphasise(x, previous)
+                previous = x[-1:]
+                buf = torch.cat([buf, y])
+                total = base + len(buf)
+                ready = (total - win + off) // hop + 1 if total >= win - off else 0  # frames needing no end reflection
+                if ready - done < self.block_frames:
+                    continue
+                last = ready
+            else:
+                total = base + len(buf)
+                if total < min_samples(cfg):  # pass 1 rejects it afterwards with the reference's message
+                    return
+                last = total // hop + 1
+            while done < last and (part is None or last - done >= self.block_frames):
+                stop = min(done + self.block_frames, last)
+                index = torch.arange(done * hop - off, (stop - 1) * hop - off + win, device=device)
+                index = index.abs()  # reflect at the start: -i -> i
+                if part is None:
+                    index = torch.where(index >= total, 2 * (total - 1) - index, index)  # reflect at the end
+                segment = buf[index - base]
+                yield lm.mel(segment.unfold(-1, win, hop)[None])  # (1, mels, stop - done)
+                done = stop
+                keep = max(base, done * hop - off - win)  # reflection at the end reaches back < win samples
+                buf, base = buf[keep - base:], keep
