@@ -279,14 +279,12 @@ def reconstruct(
 def _reconstruct_one(codec, path: Path, speaker: Optional[str], target: Path, plot: Optional[Path], label: str):
     from contextlib import nullcontext
 
-    from sqaudio.codec import write_wav
     from sqaudio.plots import plot_mels
 
     console.print(f"reconstruct {label}: {escape(str(path))}", highlight=False)
     progress, step = _long_progress(codec, _audio_samples(codec, path), path.name)
-    with progress or nullcontext():
-        out, stats, enc, mel_hat = codec.reconstruct(path, speaker, step)
-    write_wav(target, out, codec.features.sample_rate)
+    with progress or nullcontext():  # flat memory: the wav is written block by block (the mels only for --plot)
+        stats, enc, mel_hat = codec.reconstruct_to(path, target, speaker, step, keep_mels=plot is not None)
     if plot is not None:
         plot_mels(enc.mel, mel_hat[0].cpu().numpy(), plot, title=path.name, top_db=codec.features.top_db,
                   frame_rate=codec.features.frame_rate)
@@ -340,7 +338,7 @@ def decode(
     """Codes -> decoder -> vocoder -> wavs."""
     from contextlib import nullcontext
 
-    from sqaudio.codec import Codec, read_codes, write_wav
+    from sqaudio.codec import Codec, read_codes
     from sqaudio.outputs import check_free, find_inputs, targets
 
     found = find_inputs(codes, lambda p: p.suffix.lower() == ".npy", companions=(".json",), what="codes (.npy)")
@@ -354,8 +352,7 @@ def decode(
         codec.check_header(header, path)
         progress, step = _long_progress(codec, int(header["samples"]), path.name, encode=False)
         with progress or nullcontext():
-            wav = codec.decode(indices, speaker or header["speaker"], int(header["samples"]), step)
-        write_wav(target, wav, codec.features.sample_rate)
+            codec.decode_to(indices, speaker or header["speaker"], int(header["samples"]), target, step)
     _say_wrote(f"{len(wavs)} wav(s)", output if len(wavs) > 1 or output.suffix.lower() != ".wav" else wavs[0])
 
 

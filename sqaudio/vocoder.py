@@ -267,8 +267,14 @@ class Vocoder:
         """The waveform before `finish`: what runs window by window on long inputs (B, frames * hop)."""
         raise NotImplementedError
 
+    whole_signal_finish = False  # True: `finish` depends on the whole signal (its peak), see `finish_with`
+
     def finish(self, wav: torch.Tensor) -> torch.Tensor:
         """Whole-signal post-processing after stitching windows (none by default)."""
+        return self.finish_with(wav, wav.abs().amax(dim=-1, keepdim=True)) if self.whole_signal_finish else wav
+
+    def finish_with(self, wav: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+        """`finish` of a block of the signal, given the whole signal's peak |sample| (B, 1): blockwise output."""
         return wav
 
     def _check_input(self, logmel: torch.Tensor) -> torch.Tensor:
@@ -321,9 +327,11 @@ class GriffinLimVocoder(Vocoder):
             wav = AF.lfilter(wav, a, b, clamp=False)
         return wav
 
-    def finish(self, wav: torch.Tensor) -> torch.Tensor:
-        """Peak-normalise to the features' peak level (over the whole signal)."""
-        return wav / wav.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) * self.features.peak
+    whole_signal_finish = True
+
+    def finish_with(self, wav: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+        """Peak-normalise to the features' peak level (the peak over the whole signal)."""
+        return wav / peak.clamp(min=1e-8) * self.features.peak
 
 
 class NeuralVocoder(Vocoder):
