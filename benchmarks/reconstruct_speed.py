@@ -5,10 +5,13 @@
 
 The SQ-VAE is the recipe's reference-size speech model and `hifigan` the default vocoder recipe, both freshly
 initialised (speed and memory do not depend on the weights) and saved as checkpoints, so the measured path is
-the command's own: `Codec` from a run directory, `Codec.reconstruct`, `write_wav`. Each (length, vocoder) runs
-in a fresh process, so its peak resident memory (ru_maxrss) is its own; "after load" is the process's peak
-before the input is read (imports, model and vocoder). Long inputs run in windows of `CHUNK_SECONDS`, so peak
-memory must stay flat as the input grows. On CUDA the peak of allocated device memory is reported too.
+the command's own: `Codec` from a run directory, `Codec.reconstruct_to` (what `sqaudio reconstruct` runs: features
+streamed from the file in two passes, models on windows of `CHUNK_SECONDS`, the wav written block by block). Each
+(length, vocoder) runs in a fresh process. Memory columns: the peak RSS (ru_maxrss) and that peak after loading
+(imports, model, vocoder); the rise of the resident set during `reconstruct_to` (VmHWM reset through
+/proc/self/clear_refs after loading, minus VmRSS then: the number that must stay flat as the input grows); the
+peak of numpy and Python allocations (tracemalloc; torch's CPU allocations are not traced). On CUDA the peak of
+allocated device memory is reported too.
 """
 from __future__ import annotations
 
@@ -29,6 +32,26 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def _status_mb(field: str) -> float | None:
+    """VmRSS / VmHWM of this process from /proc (None elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: `echo 5 > /proc/self/clear_refs`); False if not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def make_checkpoints(root: Path, recipe_name: str) -> tuple[Path, Path]:
@@ -55,22 +78,31 @@ def make_checkpoints(root: Path, recipe_name: str) -> tuple[Path, Path]:
 
 
 def child(run: Path, vocoder: str, wav: Path, device: str, threads: int) -> dict:
-    """One measurement, in this process: load, reconstruct, write."""
+    """One measurement, in this process: load, then `reconstruct_to` (read -> codes -> decoder -> vocoder -> wav)."""
+    import tracemalloc
+
     import torch
 
     torch.set_num_threads(threads)
-    from sqaudio.codec import Codec, write_wav
+    from sqaudio.codec import Codec
 
     codec = Codec(run, vocoder, device)
     loaded = _peak_mb()
+    reset = _reset_peak_rss()
+    rss0 = _status_mb("VmRSS")
+    tracemalloc.start()
     start = time.perf_counter()
-    out, _, _, _ = codec.reconstruct(wav, "s000")
-    write_wav(wav.with_suffix(".out.wav"), out, codec.features.sample_rate)
+    codec.reconstruct_to(wav, wav.with_suffix(".out.wav"), "s000")
     if codec.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    traced = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    hwm = _status_mb("VmHWM")
     gpu = torch.cuda.max_memory_allocated() / 2**20 if codec.device.type == "cuda" else None
-    return {"wall_s": seconds, "peak_mb": _peak_mb(), "after_load_mb": loaded, "gpu_peak_mb": gpu}
+    return {"wall_s": seconds, "peak_mb": _peak_mb(), "after_load_mb": loaded, "gpu_peak_mb": gpu,
+            "rss_rise_mb": hwm - rss0 if reset and hwm is not None and rss0 is not None else None,
+            "traced_peak_mb": traced}
 
 
 def main() -> None:
@@ -115,14 +147,15 @@ def main() -> None:
             wav.unlink()
     table = Table(title=f"reconstruct, {args.recipe} + vocoder, device {args.device}, {args.threads} thread(s) "
                         "(real-time factor < 1: faster than real time)")
-    for column in ("input", "vocoder", "real-time factor", "peak memory", "after load", "peak - after load",
-                   "GPU peak"):
+    for column in ("input", "vocoder", "real-time factor", "peak RSS", "after load", "peak RSS - RSS before input",
+                   "numpy/Python peak (tracemalloc)", "GPU peak"):
         table.add_column(column, justify="right")
     for r in rows:
         gpu = f"{r['gpu_peak_mb']:.0f} MB" if r["gpu_peak_mb"] is not None else "-"
+        rise = f"{r['rss_rise_mb']:.1f} MB" if r["rss_rise_mb"] is not None else "-"
         table.add_row(f"{r['seconds']:g} s", r["vocoder"], f"{r['wall_s'] / r['seconds']:.3f}",
-                      f"{r['peak_mb']:.0f} MB", f"{r['after_load_mb']:.0f} MB",
-                      f"{r['peak_mb'] - r['after_load_mb']:.0f} MB", gpu)
+                      f"{r['peak_mb']:.0f} MB", f"{r['after_load_mb']:.0f} MB", rise,
+                      f"{r['traced_peak_mb']:.1f} MB", gpu)
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
