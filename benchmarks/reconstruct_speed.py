@@ -9,9 +9,11 @@ the command's own: `Codec` from a run directory, `Codec.reconstruct_to` (what `s
 streamed from the file in two passes, models on windows of `CHUNK_SECONDS`, the wav written block by block). Each
 (length, vocoder) runs in a fresh process. Memory columns: the peak RSS (ru_maxrss) and that peak after loading
 (imports, model, vocoder); the rise of the resident set during `reconstruct_to` (VmHWM reset through
-/proc/self/clear_refs after loading, minus VmRSS then: the number that must stay flat as the input grows); the
-peak of numpy and Python allocations (tracemalloc; torch's CPU allocations are not traced). On CUDA the peak of
-allocated device memory is reported too.
+/proc/self/clear_refs, minus VmRSS then), for the first run in the fresh process (it includes one-time costs:
+kernel caches, the allocator's heap growing to the windows' sizes) and for the same input run again in that
+process (steady state: what anything held per second of input would show in); both must stay flat; the
+peak of numpy and Python allocations (with --tracemalloc; torch's CPU allocations are not traced, and tracing
+inflates the RSS columns). On CUDA the peak of allocated device memory is reported too.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def make_checkpoints(root: Path, recipe_name: str) -> tuple[Path, Path]:
     return root / "run", root / "hifigan.pt"
 
 
-def child(run: Path, vocoder: str, wav: Path, device: str, threads: int) -> dict:
+def child(run: Path, vocoder: str, wav: Path, device: str, threads: int, trace: bool = False) -> dict:
     """One measurement, in this process: load, then `reconstruct_to` (read -> codes -> decoder -> vocoder -> wav)."""
     import tracemalloc
 
@@ -88,21 +90,30 @@ def child(run: Path, vocoder: str, wav: Path, device: str, threads: int) -> dict
 
     codec = Codec(run, vocoder, device)
     loaded = _peak_mb()
-    reset = _reset_peak_rss()
-    rss0 = _status_mb("VmRSS")
-    tracemalloc.start()
-    start = time.perf_counter()
-    codec.reconstruct_to(wav, wav.with_suffix(".out.wav"), "s000")
-    if codec.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    traced = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
-    hwm = _status_mb("VmHWM")
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if codec.device.type == "cuda" else None
-    return {"wall_s": seconds, "peak_mb": _peak_mb(), "after_load_mb": loaded, "gpu_peak_mb": gpu,
-            "rss_rise_mb": hwm - rss0 if reset and hwm is not None and rss0 is not None else None,
-            "traced_peak_mb": traced}
+    out = wav.with_suffix(".out.wav")
+    row: dict = {"after_load_mb": loaded}
+    for run_name in ("first", "again"):  # again: the same input in the same process (allocator and caches warm)
+        reset = _reset_peak_rss()
+        rss0 = _status_mb("VmRSS")
+        if trace:
+            tracemalloc.start()
+        start = time.perf_counter()
+        codec.reconstruct_to(wav, out, "s000")
+        if codec.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        traced = tracemalloc.get_traced_memory()[1] / 2**20 if trace else None
+        tracemalloc.stop()
+        hwm = _status_mb("VmHWM")
+        rise = hwm - rss0 if reset and hwm is not None and rss0 is not None else None
+        if run_name == "first":
+            row.update({"wall_s": seconds, "peak_mb": _peak_mb(), "rss_rise_mb": rise, "traced_peak_mb": traced,
+                        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if codec.device.type == "cuda"
+                        else None})
+        else:
+            row.update({"again_wall_s": seconds, "again_rss_rise_mb": rise})
+        out.unlink()
+    return row
 
 
 def main() -> None:
@@ -113,11 +124,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--recipe", default="vctk/sqvae_gauss4")
     parser.add_argument("--json", type=Path, help="Also write the rows here.")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="Also trace numpy/Python allocations (its bookkeeping adds to the RSS columns).")
     parser.add_argument("--child", nargs=3, metavar=("RUN", "VOCODER", "WAV"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         run, vocoder, wav = args.child
-        print(json.dumps(child(Path(run), vocoder, Path(wav), args.device, args.threads)))
+        print(json.dumps(child(Path(run), vocoder, Path(wav), args.device, args.threads, args.tracemalloc)))
         return
     import soundfile as sf
     from rich.console import Console
@@ -136,26 +149,25 @@ def main() -> None:
                      [: int(seconds * 16000)], 16000)
             for name in args.vocoder:
                 cmd = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads),
-                       "--child", str(run), vocoders[name], str(wav)]
+                       "--child", str(run), vocoders[name], str(wav)] + ["--tracemalloc"] * args.tracemalloc
                 result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if result.returncode != 0:
                     sys.exit(result.stderr)
                 row = {"seconds": seconds, "vocoder": name, **json.loads(result.stdout.strip().splitlines()[-1])}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-                wav.with_suffix(".out.wav").unlink()
             wav.unlink()
     table = Table(title=f"reconstruct, {args.recipe} + vocoder, device {args.device}, {args.threads} thread(s) "
                         "(real-time factor < 1: faster than real time)")
-    for column in ("input", "vocoder", "real-time factor", "peak RSS", "after load", "peak RSS - RSS before input",
-                   "numpy/Python peak (tracemalloc)", "GPU peak"):
+    for column in ("input", "vocoder", "real-time factor", "peak RSS", "after load", "RSS rise, first run",
+                   "RSS rise, again", "numpy/Python peak (tracemalloc)", "GPU peak"):
         table.add_column(column, justify="right")
     for r in rows:
         gpu = f"{r['gpu_peak_mb']:.0f} MB" if r["gpu_peak_mb"] is not None else "-"
-        rise = f"{r['rss_rise_mb']:.1f} MB" if r["rss_rise_mb"] is not None else "-"
+        rise, again = (f"{r[k]:.1f} MB" if r[k] is not None else "-" for k in ("rss_rise_mb", "again_rss_rise_mb"))
         table.add_row(f"{r['seconds']:g} s", r["vocoder"], f"{r['wall_s'] / r['seconds']:.3f}",
-                      f"{r['peak_mb']:.0f} MB", f"{r['after_load_mb']:.0f} MB", rise,
-                      f"{r['traced_peak_mb']:.1f} MB", gpu)
+                      f"{r['peak_mb']:.0f} MB", f"{r['after_load_mb']:.0f} MB", rise, again,
+                      f"{r['traced_peak_mb']:.1f} MB" if r["traced_peak_mb"] is not None else "-", gpu)
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

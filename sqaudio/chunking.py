@@ -49,26 +49,53 @@ def overlap_stream(fn: Callable[[int, int], torch.Tensor], length: int, chunk: i
     ramp, tail = None, None  # tail: the previous window's output over the next crossfade
     for start, stop, a, b in spans(length, chunk, context):
         y = fn(start, stop)
+        release_freed_memory()
         if ramp is None:
             ramp = (torch.arange(fade * scale, device=y.device, dtype=torch.float32) + 0.5) / max(fade * scale, 1)
         if fade == 0:
-            piece = y[..., (a - start) * scale:(b - start) * scale]
-            yield piece
+            final = y[..., (a - start) * scale:(b - start) * scale]
         else:
             lo, hi = (a - left if a > 0 else a), (b + right if b < length else b)
             piece = y[..., (lo - start) * scale:(hi - start) * scale].clone()
             if a > 0:
                 piece[..., :fade * scale] *= ramp.to(piece.dtype)
                 piece[..., :fade * scale] += tail
+            final = piece
             if b < length:
                 piece[..., -fade * scale:] *= ramp.flip(0).to(piece.dtype)
                 cut = (b - left - lo) * scale
-                tail = piece[..., cut:]
-                yield piece[..., :cut]
-            else:
-                yield piece
+                final, tail = piece[..., :cut], piece[..., cut:]
         if on_window is not None:
-            on_window()
+            on_window()  # before the yield: a consumer that stops reading still sees every window counted
+        yield final
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`; nothing elsewhere).
+
+    A window frees its activations when it ends, but glibc keeps freed heap memory, and windows of slightly
+    different sizes fragment it, so without this the resident set creeps up window after window although nothing
+    is held (measured, hifigan vocoder, 7 minutes of input in one process: 530 MB kept above the loaded models;
+    with it, 10-25 MB). After each window it returns to what is live; the peak stays that of one window."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only: musl has none)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
 
 
 class Rolling:

@@ -9,6 +9,12 @@ Speed (CPU): the Hann window is only win_length (400) samples long inside an n_f
 samples are framed and windowed, an rfft zero-pads them to n_fft, and |X| is taken on the real view; this is
 about 2x faster than torch.stft(...).abs() and than a window-sized DFT matmul (frames x 400 @ 400 x 2050), which
 was measured and dropped. On other devices torch.stft is used. Both paths agree with librosa to ~1e-6.
+
+Long files (`reconstruct`, `encode`): `MelStream` computes the same feature in flat memory, in two passes over the
+file (pass 1: peak of the resampled signal and the largest mel value; pass 2: the log-mel in chunks), with the
+steps of `LogMel` applied to blocks (`normalise`, `preemphasise`, `mel`, `db`, `floor`) and `resample_blocks`
+resampling block by block with the filter's context. `log_mel_spectrogram` stays the definition; the tests hold
+the streamed feature to it (1e-6).
 """
 from __future__ import annotations
 

@@ -130,9 +130,15 @@ def test_streamed_reconstruction_file_equals_the_in_memory_one(tiny_model, long_
     assert stats_b == pytest.approx(stats, rel=1e-5)  # the mel-MSE summed by window, not over the whole
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.wav"]  # no temporary or spool left
     assert (tmp_path / "out" / "b.wav").stat().st_mode & 0o777 == 0o640  # the umask, as every output
-    _, _, kept = codec.reconstruct_to(long_wav, tmp_path / "out" / "c.wav", keep_mels=True)
+    steps = []
+    _, enc_c, kept = codec.reconstruct_to(long_wav, tmp_path / "out" / "c.wav", keep_mels=True,
+                                          step=lambda: steps.append(1))
     torch.testing.assert_close(kept, mel_hat, rtol=0, atol=0)
-    codec.decode_to(enc.codes, enc.speaker, enc.samples, tmp_path / "out" / "d.wav")
+    np.testing.assert_array_equal(enc_c.mel, enc.mel)
+    assert len(steps) == codec.windows(enc.samples) > 3  # the progress bar's count, though readers stop early
+    steps.clear()
+    codec.decode_to(enc.codes, enc.speaker, enc.samples, tmp_path / "out" / "d.wav", step=lambda: steps.append(1))
+    assert len(steps) == codec.windows(enc.samples, encode=False)
     np.testing.assert_array_equal(sf.read(tmp_path / "out" / "d.wav")[0], sf.read(tmp_path / "a.wav")[0])
 
 
