@@ -117,11 +117,11 @@ def measure(args) -> dict:
     eng = engine.Engine(dev, Context(), recipe.train.seed)
     model = build_model(recipe).to(dev).train()
     opt, sched = build_optimizer(model, recipe)
-    run = _Run(eng, model, model, opt, sched, td, recipe, Path(tempfile.gettempdir()))
+    warm, steps = args.warmup, args.steps
+    run = _Run(eng, model, opt, sched, td, recipe, Path(tempfile.gettempdir()), warm + steps)
     scaler = torch.amp.GradScaler(dev.type, enabled=recipe.train.amp == "fp16" and dev.type == "cuda")
     meter = engine.Meter(eng.ctx)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    warm, steps = args.warmup, args.steps
 
     def loop(batches, count: SyncCounter | None = None) -> float:
         start = None

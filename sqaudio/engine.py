@@ -6,12 +6,9 @@ A trainer keeps only its models, losses and step function; its loop reads
     with engine.session(device, deterministic) as eng:                # set-up and teardown
         eng.seed_streams(seed)                                         # per-rank RNG streams
         state = eng.resume_state(out, resume)                          # rank 0 chooses, all ranks get it
-        with engine.Stop(eng.ctx) as stop:                             # SIGINT/SIGTERM -> stop at a boundary
-          for step, batch in eng.batches(dataset, step, total, workers):
-            if stop.requested(): break                                 # before the step's forward
-            with eng.noise(step): loss = ...                           # keyed Gumbel/jitter noise
-            meter.add(...)                                             # on the device, no host sync
-            if log step: row = meter.read()                            # the only sync, global batch
+        step, signal = eng.loop(dataset, step, total, step=train_step, # DataLoader, stop at a boundary
+                                on_log=..., save=..., ...)             # before the forward, on-device stats
+    where train_step draws its noise under `eng.noise(step)` (keyed Gumbel/jitter noise).
 
 Host syncs: none in the steady-state step (fp16's GradScaler keeps its own one); log and checkpoint steps
 read the statistics once. The stop decision travels in a non-blocking all-reduce on a CPU (gloo) group that
@@ -25,7 +22,7 @@ import random
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -212,6 +209,40 @@ class Engine:
         for step, batch in zip(range(start, total), loader):
             yield step, _to(batch, self.dev)
 
+    def loop(self, dataset, start: int, total: int, *, workers: int, step: Callable[[int, Any], tuple[Any, dict]],
+             log_every: int, checkpoint_every: int, on_log: Callable[[int, dict[str, float]], str],
+             save: Callable[[int], None], out: Path, label: str, quiet: bool) -> tuple[int, int | None]:
+        """The training loop every trainer runs; returns (the step reached, the stopping signal or None).
+
+        `step(s, batch) -> (loss, statistics)` is the trainer's own optimisation step (device tensors). A stop
+        is taken at a step boundary, before the forward, so the state saved then is exactly that after the
+        last step. Statistics are read (one host sync, the NaN check) on log and checkpoint steps only;
+        `on_log(step, averages)` returns the progress text; `save(step)` runs on every rank at checkpoint
+        steps, at the end and after a stop.
+        """
+        meter = Meter(self.ctx)
+        with Stop(self.ctx) as stop, progress(label, quiet) as bar:
+            task = bar.add_task("", total=total, completed=start)
+            reached = start
+            for s, batch in self.batches(dataset, start, total, workers):
+                if stop.requested():
+                    break
+                loss, values = step(s, batch)
+                reached = s + 1
+                meter.add(s, values, loss)
+                log, ckpt = reached % log_every == 0 or reached == total, reached % checkpoint_every == 0
+                if log or ckpt:
+                    row = meter.read(reached, out, reset=log)
+                    if log:
+                        bar.update(task, description=on_log(reached, row))
+                bar.update(task, completed=reached)
+                if ckpt or reached == total:
+                    save(reached)
+            if stop.signal is not None:
+                meter.read(reached, out)
+                save(reached)
+        return reached, stop.signal
+
     def resume_state(self, out: Path, resume: bool, fmt: str | None = None) -> dict[str, Any] | None:
         """Rank 0 chooses the newest checkpoint of `out` and sends it to every rank (the run dir need only be
         visible to rank 0); refuses an existing run without --resume. None: start from scratch."""
@@ -261,8 +292,8 @@ def _quiet_worker(_: int) -> None:
 
 def set_deterministic(on: bool) -> None:
     """PyTorch's deterministic algorithms (CUDA: cuBLAS workspace, no cuDNN autotuning) when `on`. Ops with
-    no deterministic CUDA kernel (e.g. bincount for the code statistics, whose integer counts are exact
-    anyway) warn instead of failing."""
+    no deterministic CUDA kernel (e.g. index_add_ for the code counts, whose integer sums are exact anyway)
+    warn instead of failing."""
     if not on:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA work

@@ -144,13 +144,8 @@ def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = Fals
             checkpoint.atomic_write(out / "config.yaml",
                                     lambda tmp: tmp.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False)))
             _truncate_history(out, step)
-        net = model
-        if ctx.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            net = DistributedDataParallel(model, device_ids=[eng.dev.index] if eng.dev.type == "cuda" else None)
-        run = _Run(eng, net, model, opt, sched, td, recipe, out)
-        return run.loop(step, total, quiet or not ctx.is_main)
+        run = _Run(eng, model, opt, sched, td, recipe, out, total)
+        return run.loop(step, quiet or not ctx.is_main)
 
 
 def _truncate_history(out: Path, step: int) -> None:
@@ -164,15 +159,26 @@ def _truncate_history(out: Path, step: int) -> None:
 class _Run:
     """One run's state; `loop` is the training loop (the step is its own, everything else the engine's)."""
 
-    def __init__(self, eng: engine.Engine, net, model, opt, sched, td: TrainingData, recipe: Recipe, out: Path):
-        self.eng, self.net, self.model, self.opt, self.sched = eng, net, model, opt, sched
-        self.td, self.recipe, self.out = td, recipe, out
+    def __init__(self, eng: engine.Engine, model, opt, sched, td: TrainingData, recipe: Recipe, out: Path,
+                 total: int):
+        self.eng, self.model, self.opt, self.sched = eng, model, opt, sched
+        self.td, self.recipe, self.out, self.total = td, recipe, out, total
+        self.net = self._wrap()
         self.scale = recipe.features.top_db ** 2 if recipe.data.kind == "speech" else 1.0
         self.saved_at = -1
-        t = recipe.train
-        total = t.epochs * td.batches.steps_per_epoch if t.epochs > 0 else t.steps
-        self.calibration_start = total - t.calibration_steps if t.calibration_steps > 0 else None
+        calibration = recipe.train.calibration_steps
+        self.calibration_start = total - calibration if calibration > 0 else None
         self.calibrating = False
+
+    def _wrap(self):
+        """The module the step calls: the model, or under several processes its DistributedDataParallel
+        wrapper (built from the parameters that require gradients now)."""
+        if self.eng.ctx.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = self.eng.dev
+        return DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def phase(self, step: int) -> str:
         """"train" or "calibration" (the last train.calibration_steps steps): a pure function of the step."""
@@ -185,11 +191,7 @@ class _Run:
         for module in self.model.frozen_in_calibration():
             for p in module.parameters():
                 p.requires_grad_(False)
-        if isinstance(self.net, torch.nn.parallel.DistributedDataParallel):
-            from torch.nn.parallel import DistributedDataParallel
-
-            dev = self.eng.dev
-            self.net = DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.net = self._wrap()
         self.calibrating = True
 
     def save(self, step: int) -> None:
@@ -214,7 +216,7 @@ class _Run:
         if hasattr(self.model.quantizer, "hard_sample"):
             self.model.quantizer.hard_sample = hard_from is not None and step >= hard_from
         with eng.autocast(cfg.amp), eng.noise(step):
-            result = self.net(batch, temperature=tau, calibrate=True) if calibrate else self.net(batch, temperature=tau)
+            result = self.net(batch, temperature=tau, calibrate=calibrate)
         loss = result.loss
         self.opt.zero_grad(set_to_none=True)
         scaler.scale(loss * self._share(step, batch)).backward()
@@ -231,46 +233,39 @@ class _Run:
         local = next(iter(batch.values())).shape[0]
         return self.eng.ctx.world * local / self.td.batches.global_size(step)
 
-    def loop(self, step: int, total: int, quiet: bool) -> dict[str, Any]:
+    def loop(self, step: int, quiet: bool) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
 
         cfg, eng, ctx = self.recipe.train, self.eng, self.eng.ctx
         scaler = torch.amp.GradScaler(eng.dev.type, enabled=cfg.amp == "fp16" and eng.dev.type == "cuda")
-        meter, last = engine.Meter(ctx), {}
+        last: dict[str, Any] = {}
+
+        def step_fn(s: int, batch):
+            loss, values = self.train_step(s, batch, scaler)
+            self._schedule(s + 1)
+            return loss, values
+
+        def on_log(s: int, row: dict[str, float]) -> str:
+            nonlocal last
+            last = self._log(writer, s, row)
+            return _describe(last)
+
         self.net.train()
-        with engine.Stop(ctx) as stop, engine.progress("train", quiet) as bar:
-            writer = SummaryWriter(str(self.out / "tensorboard")) if ctx.is_main else None
-            try:
-                task = bar.add_task("", total=total, completed=step)
-                for s, batch in eng.batches(self.td.batches, step, total, self.recipe.data.num_workers):
-                    if stop.requested():  # before the forward: the saved state is exactly that after step s - 1
-                        break
-                    loss, values = self.train_step(s, batch, scaler)
-                    step = s + 1
-                    meter.add(s, values, loss)
-                    self._schedule(step)
-                    log, ckpt = step % cfg.log_every == 0 or step == total, step % cfg.checkpoint_every == 0
-                    if log or ckpt:
-                        row = meter.read(step, self.out, reset=log)  # the step's one host sync; NaN check
-                        if log:
-                            last = self._log(writer, step, row)
-                            bar.update(task, description=_describe(last))
-                    bar.update(task, completed=step)
-                    if ckpt or step == total:
-                        self.save(step)
-                if stop.signal is not None:
-                    meter.read(step, self.out)
-                    self.save(step)
-            finally:
-                if writer is not None:
-                    writer.close()
-        if stop.signal is not None:
+        writer = SummaryWriter(str(self.out / "tensorboard")) if ctx.is_main else None
+        try:
+            step, signal = eng.loop(self.td.batches, step, self.total, workers=self.recipe.data.num_workers,
+                                    step=step_fn, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                                    on_log=on_log, save=self.save, out=self.out, label="train", quiet=quiet)
+        finally:
+            if writer is not None:
+                writer.close()
+        if signal is not None:
             if ctx.is_main:
                 console.print(f"interrupted: saved checkpoint at step {step} in {self.out}; continue with --resume",
                               soft_wrap=True)
         elif ctx.is_main:
             _finish(self.out, last, quiet)
-        return {**last, "step": step, "interrupted": stop.signal}
+        return {**last, "step": step, "interrupted": signal}
 
     def _schedule(self, step: int) -> None:
         """Multistep/constant: every step. Plateau: at each epoch's end, on the validation loss."""

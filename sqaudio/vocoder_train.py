@@ -388,63 +388,57 @@ class _Run:
         tc, ctx = self.cfg.train, self.ctx
         data = crop_batches(self.store, entries, tc.batch_size, tc.batch_frames, tc.seed, tc.cache_mb,
                             ctx.rank, ctx.world)
-        start_step, started, last_ckpt = step, time.perf_counter(), None
-        meter, last, eval_mel = engine.Meter(ctx), {}, None
+        start_step, started = step, time.perf_counter()
+        last: dict[str, float] = {}
+        saved: dict[str, Any] = {"checkpoint": None, "eval_mel": None}
+
+        def step_fn(s: int, batch):
+            mel, wav = batch
+            row, wav_hat = self.generator_step(mel, wav, s)
+            if s >= tc.discriminator_start:
+                row.update(self.discriminator_step(mel, wav, wav_hat, s))
+            return row["generator"] + row.get("discriminator", 0.0), row
+
+        def on_log(s: int, row: dict[str, float]) -> str:
+            nonlocal last
+            last = row
+            if writer is not None:
+                for k, v in row.items():
+                    writer.add_scalar(f"train/{k}", v, s)
+                writer.add_scalar("train/lr", learning_rate(self.cfg.generator_optimizer, s - 1), s)
+            return _describe(row)
+
+        def save(s: int) -> None:
+            """Evaluate (rank 0) and save (all ranks take part); a stop at the resumed step saves nothing new."""
+            if s == start_step:
+                return
+            if ctx.is_main and tc.eval_utterances > 0 and (eval_mel := self.evaluate()) is not None:
+                writer.add_scalar("eval/mel_loss", eval_mel, s)
+                saved["eval_mel"] = eval_mel
+            saved["checkpoint"] = self.save(s)
+
         self.G.train(), self.D.train()
-        with engine.Stop(ctx) as stop, engine.progress("vocoder", quiet) as bar:  # before the loader's workers
-            writer = SummaryWriter(str(self.out / "logs")) if ctx.is_main else None
-            try:
-                task = bar.add_task("", total=tc.steps, completed=step)
-                for s, (mel, wav) in self.eng.batches(data, step, tc.steps, tc.num_workers):
-                    if stop.requested():  # before the forward: the saved state is exactly that after step s - 1
-                        break
-                    row, wav_hat = self.generator_step(mel, wav, s)
-                    if s >= tc.discriminator_start:
-                        row.update(self.discriminator_step(mel, wav, wav_hat, s))
-                    step = s + 1
-                    meter.add(s, row, row["generator"] + row.get("discriminator", 0.0))
-                    log, ckpt = step % tc.log_every == 0 or step == tc.steps, step % tc.checkpoint_every == 0
-                    if log or ckpt:
-                        averaged = meter.read(step, self.out, reset=log)  # the one host sync; NaN check
-                        if log:
-                            last = averaged
-                            if writer is not None:
-                                for k, v in last.items():
-                                    writer.add_scalar(f"train/{k}", v, step)
-                                writer.add_scalar("train/lr", learning_rate(self.cfg.generator_optimizer, s), step)
-                            bar.update(task, description=_describe(last))
-                    bar.update(task, completed=step)
-                    if ckpt or step == tc.steps:
-                        eval_mel = self._checkpoint(step, writer)
-                        last_ckpt = self.out / f"checkpoint-{step}.pt"
-                if stop.signal is not None and step > start_step:
-                    meter.read(step, self.out)
-                    eval_mel = self._checkpoint(step, writer)
-                    last_ckpt = self.out / f"checkpoint-{step}.pt"
-            finally:
-                if writer is not None:
-                    writer.close()
-        if stop.signal is not None and ctx.is_main:
-            console.print(f"stopped by signal {stop.signal} at step {step}; saved {last_ckpt or 'nothing new'}",
+        writer = SummaryWriter(str(self.out / "logs")) if ctx.is_main else None
+        try:
+            step, signal = self.eng.loop(data, step, tc.steps, workers=tc.num_workers, step=step_fn,
+                                         log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
+                                         on_log=on_log, save=save, out=self.out, label="vocoder", quiet=quiet)
+        finally:
+            if writer is not None:
+                writer.close()
+        last_ckpt = saved["checkpoint"]
+        if signal is not None and ctx.is_main:
+            console.print(f"stopped by signal {signal} at step {step}; saved {last_ckpt or 'nothing new'}",
                           soft_wrap=True)
         if last_ckpt is None and step > 0:  # nothing left to train (resumed at the end) or stopped at once
             last_ckpt = checkpoint.latest(self.out) if ctx.is_main else None
         elapsed = time.perf_counter() - started
         summary = {"step": step, "steps_run": step - start_step, "seconds": elapsed,
-                   "checkpoint": str(last_ckpt) if last_ckpt else None, "eval_mel_loss": eval_mel,
-                   "interrupted": stop.signal, **{f"loss/{k}": v for k, v in (last or {}).items()}}
+                   "checkpoint": str(last_ckpt) if last_ckpt else None, "eval_mel_loss": saved["eval_mel"],
+                   "interrupted": signal, **{f"loss/{k}": v for k, v in (last or {}).items()}}
         if not quiet:
             _print_summary(summary, self.out)
         return summary
-
-    def _checkpoint(self, step: int, writer) -> float | None:
-        """Evaluate (rank 0) and save (all ranks take part); returns the evaluation's mel loss."""
-        eval_mel = None
-        if self.ctx.is_main and self.cfg.train.eval_utterances > 0 and (eval_mel := self.evaluate()) is not None:
-            writer.add_scalar("eval/mel_loss", eval_mel, step)
-        self.save(step)
-        return eval_mel
-
 
 def _describe(row: dict[str, float]) -> str:
     keys = ("generator", "mel", "stft", "adversarial", "discriminator")
