@@ -417,11 +417,25 @@ class MelStream:
         for mel in self._mel_parts(self.peak):
             yield self.logmel.floor(self.logmel.db(mel), self.max_db)[0]
 
+    def _padded(self, buf: torch.Tensor, index: torch.Tensor, end: int, at_end: bool) -> torch.Tensor:
+        """buf[index] padded outside the signal as the one-pass STFT pads it (cfg.pad_mode: reflect or zeros).
+
+        Indices are relative to buf; a negative one lies before the file's first sample (buf keeps every sample a
+        later frame needs, so it starts at the file's start while such frames remain); `end` (= len(buf)) is the
+        file's end when `at_end`, the only time indices reach past it."""
+        if self.cfg.pad_mode == "reflect":
+            index = index.abs()
+            if at_end:
+                index = torch.where(index >= end, 2 * (end - 1) - index, index)
+            return buf[index]
+        outside = (index < 0) | (index >= end)
+        return torch.where(outside, 0.0, buf[index.clamp(0, end - 1)])
+
     def _mel_parts(self, peak: torch.Tensor | None) -> Iterator[torch.Tensor]:
         """Amplitude mel (1, n_mels, f) chunks: pass 1 (peak None: raw signal, first pass) or pass 2 (normalised).
 
-        Frame t takes pre-emphasised samples [t hop - off, t hop - off + win); indices outside [0, N) are
-        reflected (torch's reflect padding of the whole signal), which needs N, known at the end of the file."""
+        Frame t takes pre-emphasised samples [t hop - off, t hop - off + win); indices outside [0, N) are padded
+        as the whole signal is (cfg.pad_mode), which needs N, known at the end of the file."""
         lm, cfg = self.logmel, self.cfg
         hop, win, off = cfg.hop_length, cfg.win_length, lm.window_offset
         device = lm.fbank.device
@@ -451,10 +465,7 @@ class MelStream:
             while done < last and (part is None or last - done >= self.block_frames):
                 stop = min(done + self.block_frames, last)
                 index = torch.arange(done * hop - off, (stop - 1) * hop - off + win, device=device)
-                index = index.abs()  # reflect at the start: -i -> i
-                if part is None:
-                    index = torch.where(index >= total, 2 * (total - 1) - index, index)  # reflect at the end
-                segment = buf[index - base]
+                segment = self._padded(buf, index - base, total - base, at_end=part is None)
                 yield lm.mel(segment.unfold(-1, win, hop)[None])  # (1, mels, stop - done)
                 done = stop
                 keep = max(base, done * hop - off - win)  # reflection at the end reaches back < win samples

@@ -36,6 +36,19 @@ def test_stream_equals_the_one_pass_feature(tmp_path, rate, channels):
     np.testing.assert_allclose(torch.cat(list(stream.chunks()), dim=-1).numpy(), got, rtol=0, atol=0)  # repeatable
 
 
+def test_stream_pads_the_ends_as_the_feature_config_says(tmp_path):
+    """pad_mode constant: zeros beyond the file's ends, as the one-pass STFT (not the default reflection)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, pad_mode="constant")
+    path = tmp_path / "in.wav"
+    sf.write(path, _signal(3.01, 16000), 16000, subtype="FLOAT")
+    ref = log_mel_spectrogram(load_audio(path, cfg), cfg)
+    got = torch.cat(list(MelStream(path, cfg, block_frames=97, read_block=10007).chunks()), dim=-1).numpy()
+    assert np.abs(ref - log_mel_spectrogram(load_audio(path, CFG), CFG)).max() > 1e-2  # the modes differ here
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("rate", [22050, 48000, 44100, 8000])
 def test_resample_blocks_equals_whole_signal_resample(tmp_path, rate):
     x = _signal(7.3, rate)
