@@ -63,23 +63,6 @@ def select_entries(entries: list[dict], eval_list: list[tuple[str, str]]) -> lis
     return chosen
 
 
-def _open_features(data: Path):
-    """The feature store at `data`; a corpus given instead gets a hint that names a separate output folder."""
-    from sqaudio.store import MANIFEST
-
-    if data.is_dir() and not (data / MANIFEST).is_file():
-        from sqaudio.corpora import detect_layout
-
-        try:
-            layout, _ = detect_layout(data)
-        except UserError:
-            layout = None
-        if layout:
-            raise UserError(f"--data {data} is a {layout} corpus, not prepared features: run `sqaudio prepare {data} "
-                            f"FEATURES_DIR` (a new folder outside the corpus), then pass --data FEATURES_DIR")
-    return open_store(data)
-
-
 def speech_entries(store, features, speakers: list[str], split: str = "test",
                    eval_list: str | None = None) -> tuple[list[dict], list[str]]:
     """The utterances a model is evaluated on (split or list, known speakers, >= 8 frames) and the unknown
@@ -99,7 +82,7 @@ def speech_entries(store, features, speakers: list[str], split: str = "test",
 @torch.no_grad()
 def evaluate_speech(model, state: dict, data: str | Path, split: str = "test", eval_list: str | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 16, quiet: bool = False) -> dict[str, Any]:
-    store = _open_features(Path(data))
+    store = open_store(data)
     features = model.recipe.features
     speakers = state["speakers"]
     entries, unknown = speech_entries(store, features, speakers, split, eval_list)

@@ -50,14 +50,32 @@ class Store:
 
 
 def open_store(root: str | Path) -> Store:
+    """The prepared feature store at `root`; a UserError says how to make one (a corpus given instead gets a
+    hint that names a separate output folder, never the corpus itself)."""
     root = Path(root)
     manifest = root / MANIFEST
     if not manifest.is_file():
+        layout = _corpus_layout(root)
+        if layout:
+            raise UserError(f"{root} is a {layout} corpus, not prepared features: run `sqaudio prepare {root} "
+                            f"FEATURES_DIR` (a new folder outside the corpus), then pass FEATURES_DIR")
         raise UserError(f"{root} has no {MANIFEST}: run `sqaudio prepare CORPUS {root}` first")
     entries = read_jsonl(manifest)
     features = from_dict(FeatureConfig, json.loads((root / FEATURE_CONFIG).read_text()), "features")
     speakers = json.loads((root / SPEAKERS).read_text())
     return Store(root, entries, features, speakers)
+
+
+def _corpus_layout(root: Path) -> str | None:
+    """The corpus layout recognised in `root` (vctk, zerospeech2019, folder), else None."""
+    if not root.is_dir():
+        return None
+    from sqaudio.corpora import detect_layout
+
+    try:
+        return detect_layout(root)[0]
+    except UserError:
+        return None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

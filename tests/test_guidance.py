@@ -5,6 +5,7 @@ import os
 import stat
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -67,9 +68,15 @@ def test_vocoder_recipe_given_to_train_points_to_vocoder_train(cli, tmp_path):
     assert "vctk/sqvae_gauss4" in listed and "vocoder/hifigan" in listed
 
 
-def test_evaluate_on_a_corpus_does_not_suggest_preparing_into_it(cli, tiny_model, tmp_path):
+@pytest.mark.parametrize("command", ["evaluate", "evaluate --audio", "train", "vocoder train"])
+def test_a_corpus_given_as_features_is_not_suggested_as_the_output(cli, tiny_model, tmp_path, command):
+    """Every command that reads prepared features (one check, in open_store)."""
     corpus = _corpus(tmp_path / "corpus")
-    result = cli("evaluate", tiny_model, "--data", corpus, "--device", "cpu")
+    args = {"evaluate": ["evaluate", tiny_model, "--data", corpus, "--device", "cpu"],
+            "evaluate --audio": ["evaluate", tiny_model, "--data", corpus, "--device", "cpu", "--audio"],
+            "train": ["train", "demo/tiny", "--data", corpus, "--out", tmp_path / "run", "--device", "cpu"],
+            "vocoder train": ["vocoder", "train", corpus, "--out", tmp_path / "voc", "--device", "cpu"]}[command]
+    result = cli(*args)
     assert result.exit_code == 2
     line = result.stderr.strip()
     assert f"sqaudio prepare {corpus} FEATURES_DIR" in line and f"prepare CORPUS {corpus}" not in line
