@@ -56,6 +56,7 @@ class RunPage:
     metrics: dict[str, Any] = field(default_factory=dict)
     counts: np.ndarray | None = None
     images: dict[str, str] = field(default_factory=dict)  # caption -> relative path
+    speakers: list[str] = field(default_factory=list)      # the run's training speakers (speech)
 
 
 def safe_name(text: str) -> str:
@@ -95,8 +96,9 @@ def build_report(runs: list[Path], data: Path | None, out: Path, vocoder: str = 
         raise UserError(f"--out {out} is a file, not a folder")
     if utterances < 1:
         raise UserError("--utterances must be at least 1")
-    pages = [RunPage(name, run, checkpoint.load(checkpoint.latest(run))["recipe"]) for name, run in
-             zip(run_names(runs), runs)]
+    states = [checkpoint.load(checkpoint.latest(run)) for run in runs]
+    pages = [RunPage(name, run, state["recipe"], speakers=state["speakers"]) for name, run, state in
+             zip(run_names(runs), runs, states)]
     kinds = {p.recipe["data"]["kind"] == "speech" for p in pages}
     if len(kinds) > 1:
         raise UserError("report compares runs of one kind: all speech or all images, not both")
@@ -127,8 +129,8 @@ def _speech(pages: list[RunPage], data: Path, out: Path, vocoder: str, n: int, s
 
     store = open_store(data)
     load_vocoder(vocoder, "cpu").check_compatible(store.features)
-    per_run = [speech_entries(store, from_dict(FeatureConfig, p.recipe["features"], "features"),
-                              checkpoint.load(checkpoint.latest(p.path))["speakers"], split)[0] for p in pages]
+    per_run = [speech_entries(store, from_dict(FeatureConfig, p.recipe["features"], "features"), p.speakers,
+                              split)[0] for p in pages]
     check_sources([e for entries in per_run for e in entries])  # every problem is found before any work starts
     shared = set.intersection(*({e["id"] for e in entries} for entries in per_run))
     common = [e for e in per_run[0] if e["id"] in shared]
@@ -159,7 +161,7 @@ def _speech(pages: list[RunPage], data: Path, out: Path, vocoder: str, n: int, s
         page.metrics = {**evaluate(page.path, data, split, device=device, quiet=quiet), **audio}
         page.counts = usage.counts.numpy()
     corpus = corpus_of(store.entries)
-    return {"utterances": list(utts.values()), "corpus": corpus, "rate": store.features.sample_rate}
+    return {"utterances": list(utts.values()), "corpus": corpus}
 
 
 def _images(pages: list[RunPage], data: Path | None, out: Path, device, quiet) -> dict:
@@ -244,7 +246,7 @@ def code_strip(codes: list[int], size: int) -> str:
     return f"<div class='strip' aria-label='{len(codes)} codes of a {size}-code book'>{cells}</div>"
 
 
-def _utterance(u: dict[str, Any], pages: list[RunPage], rate: int, size: dict[str, int]) -> str:
+def _utterance(u: dict[str, Any], pages: list[RunPage], size: dict[str, int]) -> str:
     e = u["entry"]
     folder = u["runs"] and next(iter(u["runs"].values()))["wav"].rsplit("/", 1)[0]
     cards = [f"<div class='cell original'><h4>original</h4><audio controls preload='metadata' "
@@ -299,7 +301,7 @@ def render(pages: list[RunPage], body: dict, data: Path | None, vocoder: str | N
              f"written {when}"]
     listen = ""
     if body["utterances"]:
-        utts = "".join(_utterance(u, pages, body["rate"], size) for u in body["utterances"])
+        utts = "".join(_utterance(u, pages, size) for u in body["utterances"])
         listen = (f"<h2 id='listen'>Listen</h2><p class='note'>{len(body['utterances'])} {_e(split)} utterances "
                   f"spread over speakers. Each reconstruction is the input's codes decoded with the input's speaker "
                   f"and vocoded; its figure shows the input log-mel above the decoded one.</p>{utts}")
