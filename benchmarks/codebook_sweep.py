@@ -48,12 +48,11 @@ def run_one(dataset: str, recipe: str, k: int, args, work: Path) -> dict:
 
 
 def plot(table: dict, ks: list[int], metric: str, path: Path) -> None:
-    import matplotlib
+    """One log-log panel per dataset in the project's figure style (`sqaudio.plots`)."""
+    from sqaudio.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(table), figsize=(3.6 * len(table), 3.0), squeeze=False)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(table), figsize=(5.0 * len(table), 4.0), squeeze=False)
     for ax, (dataset, rows) in zip(axes[0], table.items()):
         for (name, by_k), marker in zip(rows.items(), "os"):
             ax.plot(ks, [by_k[str(k)][metric] for k in ks], marker=marker, label=name)
@@ -62,13 +61,11 @@ def plot(table: dict, ks: list[int], metric: str, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("codebook size K")
-        ax.set_title(dataset.replace("_", "-"), fontsize=9)
+        ax.set_title(dataset.replace("_", "-"))
         ax.grid(True, which="both", lw=0.3)
-    axes[0][0].set_ylabel({"mse": "test MSE", "perplexity": "test perplexity"}[metric])
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
+    axes[0][0].set_ylabel({"mse": "test MSE (per pixel)", "perplexity": "test perplexity (codes)"}[metric])
+    axes[0][0].legend()
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -82,7 +79,13 @@ def main() -> None:
     parser.add_argument("--work", default="runs/codebook_sweep")
     parser.add_argument("--json", default="docs/codebook_sweep.json")
     parser.add_argument("--plots", default="docs", help="folder for the two PNGs")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNGs from --json, train nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        table = json.loads(Path(args.json).read_text())["results"]
+        for metric in ("perplexity", "mse"):
+            plot(table, args.ks, metric, Path(args.plots) / f"codebook_sweep_{metric}.png")
+        return
     torch.set_num_threads(args.threads)
 
     datasets = []

@@ -30,7 +30,8 @@ ANNEALING_KEYS = ("entropy", "var_q", "var_q_harmonic", "perplexity", "mel_mse_d
 COMPARE_KEYS = ("mel_mse_db2", "mse_x1e3", "accuracy", "miou", "perplexity", "used_codes")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot (headless) with the shared style."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +42,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """Write the figure atomically (never a half-written PNG) and close it."""
     from sqaudio.checkpoint import atomic_write
 
@@ -64,7 +65,7 @@ def plot_annealing(out: Path, run_name: str | None = None) -> Path | None:
     history = Path(out) / "history.jsonl"
     rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()] if history.exists() else []
     fig = annealing_figure(rows, run_name or Path(out).resolve().name)
-    return _save(fig, Path(out) / "annealing.png") if fig is not None else None
+    return save_figure(fig, Path(out) / "annealing.png") if fig is not None else None
 
 
 def annealing_figure(rows: list[dict[str, Any]], run_name: str):
@@ -72,7 +73,7 @@ def annealing_figure(rows: list[dict[str, Any]], run_name: str):
     keys = [k for k in ANNEALING_KEYS if any(k in r for r in rows)]
     if not keys:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     ncols = min(3, len(keys))
@@ -100,13 +101,13 @@ def annealing_figure(rows: list[dict[str, Any]], run_name: str):
 
 def compare_plot(rows: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """Bar chart of the runs' metrics at `path`; returns it."""
-    return _save(compare_figure(rows), path)
+    return save_figure(compare_figure(rows), path)
 
 
 def compare_figure(rows: dict[str, dict[str, Any]]):
     """One panel per metric, one bar per run (tick: run name and its step count), values on the bars."""
     keys = [k for k in COMPARE_KEYS if any(k in r for r in rows.values())]
-    plt = _pyplot()
+    plt = pyplot()
     width = max(4.0, 1.1 * len(rows) + 1.5)
     fig, axes = plt.subplots(1, len(keys), figsize=(width * len(keys), 4.6), squeeze=False)
     ticks = [f"{name}\n{_steps(r)}" for name, r in rows.items()]
@@ -137,13 +138,13 @@ def _short(value: float) -> str:
 def plot_mels(original: np.ndarray, reconstructed: np.ndarray, path: str | Path, title: str = "",
               top_db: float = 80.0, frame_rate: float = 100.0) -> Path:
     """PNG of `mels_figure` at `path`; returns it."""
-    return _save(mels_figure(original, reconstructed, title, top_db, frame_rate), path)
+    return save_figure(mels_figure(original, reconstructed, title, top_db, frame_rate), path)
 
 
 def mels_figure(original: np.ndarray, reconstructed: np.ndarray, title: str = "", top_db: float = 80.0,
                 frame_rate: float = 100.0):
     """Input log-mel above the reconstruction (both normalised (n_mels, frames)), in dB re peak, colour bar."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True, squeeze=True)
     pairs = ((original[:, 1:-1], "input"), (reconstructed, "reconstruction"))
     image = None
@@ -161,7 +162,7 @@ def mels_figure(original: np.ndarray, reconstructed: np.ndarray, title: str = ""
 
 def save_grid(originals, recons, path: str | Path, title: str = "") -> Path:
     """PNG of `grid_figure` at `path`; returns it."""
-    return _save(grid_figure(originals, recons, title), path)
+    return save_figure(grid_figure(originals, recons, title), path)
 
 
 def grid_figure(originals, recons, title: str = ""):
@@ -174,7 +175,7 @@ def grid_figure(originals, recons, title: str = ""):
     else:
         rows, cmap = [originals.float(), recons.float().clamp(0, 1)], "gray"
     n = len(originals)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, n, figsize=(1.3 * n + 1.2, 3.1), squeeze=False)
     for r, (images, label) in enumerate(zip(rows, ("original", "reconstruction"))):
         for i in range(n):
@@ -202,7 +203,7 @@ def plot_code_usage(counts: np.ndarray, path: str | Path, title: str = "") -> Pa
     used = int((counts > 0).sum())
     p = share[share > 0]
     perplexity = float(np.exp(-(p * np.log(p)).sum())) if p.size else 0.0
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     ranks = np.arange(1, len(share) + 1)
     ax.fill_between(ranks, share, step="mid", color="C0", alpha=0.85, label="share of each code")
@@ -216,4 +217,4 @@ def plot_code_usage(counts: np.ndarray, path: str | Path, title: str = "") -> Pa
     summary = f"{used} of {len(counts)} codes used, perplexity {perplexity:.1f}"
     ax.set_title(f"{title}\n{summary}" if title else summary)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
