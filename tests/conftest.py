@@ -1,7 +1,10 @@
 """Shared test fixtures: a CLI runner and small generated audio."""
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -77,3 +80,17 @@ def tiny_model(tmp_path_factory) -> Path:
                                       "--set", "train.steps=4", "--quiet", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return root / "run"
+
+
+def signal_when(cmd: list[str], ready: Callable[[], bool], signum: int, env: dict[str, str],
+                wait_s: float = 120) -> tuple[int, str]:
+    """Start `cmd`, send it `signum` as soon as `ready()` holds (or when `wait_s` has passed; a process that
+    already ended gets nothing), and return its exit code and stderr."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + wait_s
+    while proc.poll() is None and time.monotonic() < deadline and not ready():
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.send_signal(signum)
+    _, err = proc.communicate(timeout=wait_s)
+    return proc.returncode, err

@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
 
+from conftest import signal_when
 from sqaudio import checkpoint, noise
 
 TINY = ["--set", "train.checkpoint_every=1000", "--set", "train.log_every=1", "--quiet", "--device", "cpu"]
@@ -66,16 +66,9 @@ def _cmd(store, out, steps, *extra):
 
 def _interrupt(cmd, out, signum=signal.SIGINT, after_rows=2):
     """Start a run, signal it once it has logged `after_rows` steps; returns (exit code, stderr)."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     history = out / "history.jsonl"
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if history.exists() and len(history.read_text().splitlines()) >= after_rows:
-            proc.send_signal(signum)
-            break
-        time.sleep(0.01)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+    return signal_when(cmd, lambda: history.exists() and len(history.read_text().splitlines()) >= after_rows,
+                       signum, ENV)
 
 
 @pytest.mark.parametrize("quantizer", ["gaussian", "vq_ema"])
@@ -247,13 +240,8 @@ def test_prepare_stopped_by_sigterm_exits_143_and_resumes(tmp_path):
     out = tmp_path / "features"
     cmd = [sys.executable, "-m", "sqaudio", "prepare", str(corpus), str(out), "--corpus", "folder", "--workers", "1",
            "--quiet"]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and not (out / ".prepare-journal.jsonl").exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    code, err = signal_when(cmd, (out / ".prepare-journal.jsonl").exists, signal.SIGTERM, ENV)
+    assert code == 128 + signal.SIGTERM, err
     assert "interrupted" in err and "Traceback" not in err
     assert subprocess.run(cmd, env=ENV, capture_output=True, timeout=300).returncode == 0
     assert (out / "manifest.jsonl").is_file()

@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from conftest import signal_when
 from sqaudio import checkpoint
 from test_vocoder import TINY, TINY_PWG, make_store
 
@@ -38,14 +38,9 @@ def test_interrupted_and_resumed_vocoder_equals_uninterrupted(store, tmp_path, o
     done = subprocess.run(_cmd(store, straight, overrides, "--recipe", "tiny"), env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    proc = subprocess.Popen(_cmd(store, split, overrides, "--recipe", "tiny"), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and not (split / "checkpoint-3.pt").exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, err
+    code, err = signal_when(_cmd(store, split, overrides, "--recipe", "tiny"), (split / "checkpoint-3.pt").exists,
+                            signal.SIGINT, ENV)
+    assert code == 128 + signal.SIGINT, err
     stopped = checkpoint.load(checkpoint.latest(split))["step"]
     assert 3 <= stopped < STEPS
     done = subprocess.run(_cmd(store, split, [], "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
