@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Issue 13 on one GPU, one script, everything concurrent, every run under a timeout (under 7 minutes in all):
-#   vctk-mini        5 seeds x {SQ plain, SQ calibrated, SQ hard-ST, VQ 0.999, VQ 0.99, VQ 0.99 calibrated}
+#   vctk-mini        5 seeds x {SQ plain, SQ calibrated, VQ 0.999, VQ 0.99, VQ 0.99 calibrated}
 #   zerospeech-mini  3 seeds x the same
-# 48 runs of `sqaudio train` + `sqaudio evaluate` (test split), at most JOBS_VCTK + JOBS_ZS (default 15 + 9 = 24)
+# 40 runs of `sqaudio train` + `sqaudio evaluate` (test split), at most JOBS_VCTK + JOBS_ZS (default 15 + 9 = 24)
 # processes at a time, OMP_NUM_THREADS=1 each, on one CUDA device.
 #
 #   OUT=/some/dir bash benchmarks/gpu_comparison.sh        (from anywhere inside the repository)
 #
 # Inputs: prepared feature stores VCTK_FEATS (default .gpu/vctk-mini) and ZS_FEATS (.gpu/zs-mini); float16 .npy
 # files in them are converted back to float32 in place first (idempotent). Wheels in .whl/ are installed to
-# /tmp/site when present. Knobs (environment): STEPS (budget per run, every recipe scaled alike, calibration and
-# hard-ST steps and lr milestones with it; default: the recipes' 10000), DEADLINE (seconds after which no run
+# /tmp/site when present. Knobs (environment): STEPS (budget per run, every recipe scaled alike, calibration
+# steps and lr milestones with it; default: the recipes' 10000), DEADLINE (seconds after which no run
 # starts and running ones stop; default 380), RUN_TIMEOUT (seconds per run; default 360), MODELS, DEVICE (cpu for
 # a smoke test: DEVICE=cpu STEPS=10 JOBS_VCTK=2 JOBS_ZS=2 MODELS="sq_calibrated vq").
 # Writes to $OUT (default ./gpu_comparison_out):
@@ -29,7 +29,7 @@ JOBS_ZS=${JOBS_ZS:-9}
 DEADLINE=${DEADLINE:-380}
 RUN_TIMEOUT=${RUN_TIMEOUT:-360}
 WORK=${WORK:-/tmp/sqaudio-issue13}
-MODELS=${MODELS:-"sq sq_calibrated sq_hardst vq vq_decay099 vq_decay099_calibrated"}
+MODELS=${MODELS:-"sq sq_calibrated vq vq_decay099 vq_decay099_calibrated"}
 DEVICE=${DEVICE:-cuda}
 STEPS_ARG=()
 [ -n "${STEPS:-}" ] && STEPS_ARG=(--steps "$STEPS")
@@ -55,7 +55,7 @@ PY
 run() {  # corpus feats jobs seeds...
   local corpus=$1 feats=$2 jobs=$3; shift 3
   timeout $((DEADLINE + 60)) $PY benchmarks/vctk_mini_comparison.py --corpus "$corpus" --feats "$feats" \
-    --work "$WORK/$corpus" --seeds "$@" --jobs "$jobs" --models $MODELS --option sq_calibrated --device "$DEVICE" \
+    --work "$WORK/$corpus" --seeds "$@" --jobs "$jobs" --models $MODELS --option sq_calibrated --no-branch --device "$DEVICE" \
     --timeout "$RUN_TIMEOUT" --deadline "$DEADLINE" --json "$OUT/$corpus.json" "${STEPS_ARG[@]}" \
     > "$OUT/$corpus.txt" 2>&1
   echo "$corpus: exit $? after $(( $(date +%s) - start )) s"

@@ -1,4 +1,4 @@
-"""SQ-VAE IV (plain, decoder-calibrated, hard-ST) vs VQ-VAE-EMA baselines on a mini speech corpus at one budget.
+"""SQ-VAE IV (plain, decoder-calibrated) vs VQ-VAE-EMA baselines on a mini speech corpus at one budget.
 
 Trains each chosen model for every seed (one process per run, one thread each, `--jobs` at a time, each run and
 its evaluation under `--timeout`; finished runs are skipped, cut-off runs resumed), evaluates each on the test
@@ -9,12 +9,19 @@ paired by seed, and a higher mean perplexity. Writes every result and the check 
 
 Corpora: `vctk` (recipes vctk/mini_*) and `zerospeech` (zerospeech2019/mini_*). Data: `--feats DIR`, an
 already-prepared feature store (`sqaudio prepare` output), or (vctk) `--data RAW`, prepared into WORK/feats.
-`--steps N` shrinks the budget of every model alike (calibration steps, hard_from_step and lr milestones scale
-with it), for smoke tests and time-boxed GPU runs.
+`--steps N` shrinks the budget of every model alike (calibration steps and lr milestones scale with it), for
+smoke tests and time-boxed GPU runs.
+
+A calibrated model whose plain twin is also run (`sq` and `sq_calibrated`, `vq_decay099` and
+`vq_decay099_calibrated`, ...) is, by default, a branch: the twin keeps its checkpoint at `steps - calibration
+steps`, and the calibrated run resumes a copy of it with the calibration phase on. The phase is a pure function
+of the step, so the branch equals a straight calibrated run bit for bit (tests/test_calibration.py) and the pair
+costs 1.15 runs instead of 2 (`--no-branch`: straight runs, all concurrent, e.g. on a GPU). The branch's
+`config.yaml` and eval JSON name the twin's recipe, with its `train.calibration_steps` set.
 
     .venv/bin/python benchmarks/vctk_mini_comparison.py --corpus vctk --feats /work/feats/vctk-mini \
         --work runs/cmp-vctk --seeds 1234 1 2 3 4 --jobs 2 \
-        [--models sq sq_calibrated sq_hardst vq vq_decay099 vq_decay099_calibrated] [--device cuda] [--json out.json]
+        [--models sq sq_calibrated vq vq_decay099 vq_decay099_calibrated] [--device cuda] [--json out.json]
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,13 +45,12 @@ CORPORA = {"vctk": "vctk", "zerospeech": "zerospeech2019"}
 # key -> (label, recipe name under the corpus folder)
 MODELS = {"sq": ("SQ-VAE IV", "mini_sqvae_gauss4"),
           "sq_calibrated": ("SQ-VAE IV + decoder calibration", "mini_sqvae_gauss4_calibrated"),
-          "sq_hardst": ("SQ-VAE IV + late hard-ST samples", "mini_sqvae_gauss4_hardst"),
           "vq": ("VQ-VAE-EMA textbook 0.999", "mini_vqvae_ema"),
           "vq_decay099": ("VQ-VAE-EMA textbook 0.99", "mini_vqvae_ema_decay099"),
           "vq_calibrated": ("VQ-VAE-EMA textbook 0.999 + calibration", "mini_vqvae_ema_calibrated"),
           "vq_decay099_calibrated": ("VQ-VAE-EMA textbook 0.99 + calibration", "mini_vqvae_ema_decay099_calibrated"),
           "vq_mle_sigma": ("VQ-VAE-EMA MLE-sigma 0.999", "mini_vqvae_ema_mle_sigma")}  # vctk only
-DEFAULT_MODELS = ["sq", "sq_calibrated", "sq_hardst", "vq", "vq_decay099", "vq_decay099_calibrated"]
+DEFAULT_MODELS = ["sq", "sq_calibrated", "vq", "vq_decay099", "vq_decay099_calibrated"]
 METRICS = ("mel_mse_db2", "perplexity", "used_codes")
 
 
@@ -67,20 +74,24 @@ def budget_overrides(recipe: str, steps: int | None) -> list[str]:
            f"train.milestones={[max(1, round(m * frac)) for m in r.train.milestones]}",
            f"train.checkpoint_every={max(1, min(r.train.checkpoint_every, steps))}",
            f"train.log_every={max(1, min(r.train.log_every, steps // 4 or 1))}"]
-    if r.quantizer.hard_from_step is not None:
-        out.append(f"quantizer.hard_from_step={round(r.quantizer.hard_from_step * frac)}")
     return out
 
 
+def twin(name: str) -> str | None:
+    """The plain model a calibrated one can branch from (`sq_calibrated` -> `sq`), or None."""
+    return name.removesuffix("_calibrated") if name.endswith("_calibrated") else None
+
+
 def run_one(feats: Path, run: Path, recipe: str, seed: int, steps: int | None, device: list[str],
-            timeout: float, deadline: float) -> dict:
+            timeout: float, deadline: float, extra: tuple[str, ...] = (), start: Path | None = None) -> dict:
     """Train (or resume, or skip) one run and evaluate its final checkpoint on the test split; the run ends
-    after `timeout` seconds or at the monotonic `deadline`, whichever comes first."""
+    after `timeout` seconds or at the monotonic `deadline`, whichever comes first. `extra`: further --set
+    items; `start`: a checkpoint (and its run's config.yaml) the run resumes from when it has none yet."""
     started = time.monotonic()
     timeout = min(timeout, deadline - started)
     if timeout < 30:
         raise RuntimeError("no time left before the deadline (not started)")
-    overrides = [*budget_overrides(recipe, steps), f"train.seed={seed}"]
+    overrides = [*budget_overrides(recipe, steps), f"train.seed={seed}", *extra]
     expected = load_recipe(recipe, overrides)
     total = expected.train.steps
     saved = run / "config.yaml"
@@ -89,6 +100,9 @@ def run_one(feats: Path, run: Path, recipe: str, seed: int, steps: int | None, d
                            f"choose another --work")
     run.mkdir(parents=True, exist_ok=True)
     log = run / "benchmark.log"
+    if start is not None and not any(run.glob("checkpoint-*.pt")):
+        shutil.copy2(start.parent / "config.yaml", run / "config.yaml")
+        shutil.copy2(start, run / start.name)
     if not (run / f"checkpoint-{total}.pt").exists():
         resume = ["--resume"] if any(run.glob("checkpoint-*.pt")) else []
         sets = [a for o in overrides for a in ("--set", o)]
@@ -104,6 +118,18 @@ def run_one(feats: Path, run: Path, recipe: str, seed: int, steps: int | None, d
     if history.exists() and history.read_text().strip():
         out["train_last"] = json.loads(history.read_text().splitlines()[-1])
     return out
+
+
+def run_pair(feats: Path, trunk: Path, branch: Path, recipe: str, calibration: int, seed: int,
+             steps: int | None, device: list[str], timeout: float, deadline: float) -> tuple[dict, dict]:
+    """A plain run that keeps its checkpoint at `total - calibration`, then its calibrated branch from there."""
+    total = load_recipe(recipe, budget_overrides(recipe, steps)).train.steps
+    at = total - calibration
+    keep = (f"train.checkpoint_every={math.gcd(total, at)}", "train.keep_last=0")
+    plain = run_one(feats, trunk, recipe, seed, steps, device, timeout, deadline, keep)
+    calibrated = run_one(feats, branch, recipe, seed, steps, device, timeout, deadline,
+                         (*keep, f"train.calibration_steps={calibration}"), trunk / f"checkpoint-{at}.pt")
+    return plain, calibrated
 
 
 def _log_tail(run: Path, lines: int = 6) -> str:
@@ -154,6 +180,8 @@ def main() -> None:
                         help="seconds from now after which no run starts and running ones are stopped")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
     parser.add_argument("--json", default=None, help="write all results and the check here")
+    parser.add_argument("--branch", action=argparse.BooleanOptionalAction, default=True,
+                        help="calibrated runs branch from their plain twin's checkpoint (default) or run straight")
     args = parser.parse_args()
     folder = CORPORA[args.corpus]
     if args.corpus != "vctk" and "vq_mle_sigma" in args.models:
@@ -177,18 +205,31 @@ def main() -> None:
         sys.exit(f"the recipes must share one budget, got {budgets}")
     steps = next(iter(budgets.values()))
     deadline = time.monotonic() + (args.deadline if args.deadline is not None else 10 * 365 * 86400)
-    # seeds outermost: when the deadline cuts the last wave, every model has lost the same seeds
-    jobs = {(name, seed): (feats, work / f"{MODELS[name][1]}-seed{seed}", recipe, seed, args.steps, device,
-                           args.timeout, deadline) for seed in args.seeds for name, recipe in recipes.items()}
+    branched = {name: twin(name) for name in recipes if args.branch and twin(name) in recipes}
+    common = (args.steps, device, args.timeout, deadline)
+    run_dir = {(name, seed): work / f"{MODELS[name][1]}-seed{seed}" for seed in args.seeds for name in recipes}
     results: dict = {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {key: pool.submit(run_one, *job) for key, job in jobs.items()}
-        for key, fut in futures.items():
+        # seeds outermost: when the deadline cuts the last wave, every model has lost the same seeds
+        futures = {}
+        for seed in args.seeds:
+            for name, recipe in recipes.items():
+                pair = next((c for c, p in branched.items() if p == name), None)
+                if pair is not None:
+                    cal = load_recipe(recipes[pair], budget_overrides(recipes[pair], args.steps)).train.calibration_steps
+                    futures[(name, pair), seed] = pool.submit(
+                        run_pair, feats, run_dir[name, seed], run_dir[pair, seed], recipe, cal, seed, *common)
+                elif name not in branched:
+                    futures[(name,), seed] = pool.submit(run_one, feats, run_dir[name, seed], recipe, seed, *common)
+        for (names, seed), fut in futures.items():
             try:
-                results[key] = fut.result()
+                outs = fut.result()
+                results.update(zip([(n, seed) for n in names], outs if len(names) > 1 else [outs]))
             except Exception as err:  # a failed or timed-out run is reported, the others still count
-                results[key] = {"error": f"{type(err).__name__}: {err}", "log": _log_tail(jobs[key][1])}
-                print(f"FAILED {key[0]} seed {key[1]}: {results[key]['error']}", file=sys.stderr)
+                for n in names:
+                    results.setdefault((n, seed), {"error": f"{type(err).__name__}: {err}",
+                                                   "log": _log_tail(run_dir[n, seed])})
+                    print(f"FAILED {n} seed {seed}: {err}", file=sys.stderr)
 
     print(f"\n{args.corpus}-mini test split, {steps} steps per run\n")
     print("| model | seed | mel-MSE (dB^2) | perplexity | used codes |\n|---|---|---|---|---|")

@@ -70,7 +70,6 @@ class QuantizerConfig:
     vq_beta: float = 0.25
     vq_reset_threshold: float = 0.0  # EMA count below which a code is reset to an encoder output; 0 = off
     vq_objective: str = "textbook"  # textbook: MSE + beta * mean commitment | mle_sigma: (D/2) log MSE + beta * sum
-    hard_from_step: int | None = None  # SQ: from this step on, straight-through hard Gumbel samples; None = off
 
 
 @dataclass
@@ -300,10 +299,6 @@ def validate_recipe(recipe: Recipe) -> None:
     _choice("train.amp", t.amp, ("none", "bf16", "fp16"))
     _check(t.calibration_steps >= 0 and (t.epochs > 0 or t.calibration_steps <= t.steps), "train.calibration_steps",
            t.calibration_steps, f"in [0, train.steps = {t.steps}] (the last steps of the budget)")
-    _check(q.hard_from_step is None or q.hard_from_step >= 0, "quantizer.hard_from_step", q.hard_from_step,
-           ">= 0 (or null = off)")
-    _check(q.hard_from_step is None or q.kind != "vq_ema", "quantizer.hard_from_step", q.hard_from_step,
-           "null for quantizer.kind vq_ema (its samples are already hard)")
     _check(q.variant in (1, 2, 3, 4), "quantizer.variant", q.variant, "1, 2, 3 or 4")
     _check(q.temperature.init > 0, "quantizer.temperature.init", q.temperature.init, "> 0")
     _check(q.temperature.decay >= 0, "quantizer.temperature.decay", q.temperature.decay, ">= 0")

@@ -68,19 +68,12 @@ def weighted_sq_distance(z: Tensor, codebook: Tensor, weight: Tensor | None = No
     return torch.addmm(zz, lhs, rhs.t(), beta=scale, alpha=scale)  # (N, K)
 
 
-def gumbel_softmax(logits: Tensor, temperature: float | Tensor, hard: bool = False) -> Tensor:
-    """Soft Gumbel-softmax sample softmax((logits + g) / tau) along the last dim (reparameterised).
-
-    hard=True (quantizer.hard_from_step): the forward value is the one-hot of the sample's argmax (a sample
-    from P_hat = softmax(logits)) and the gradient is the soft sample's (straight-through)."""
+def gumbel_softmax(logits: Tensor, temperature: float | Tensor) -> Tensor:
+    """Soft Gumbel-softmax sample softmax((logits + g) / tau) along the last dim (reparameterised)."""
     eps = torch.finfo(logits.dtype).eps
     uniform = noise.uniform(logits.shape, logits.device, logits.dtype)  # keyed by (seed, step, sample) in training
     noisy = uniform.clamp_(eps, 1 - eps).log_().neg_().log_().neg_()  # ~ Gumbel(0, 1)
-    soft = torch.softmax(noisy.add_(logits).div_(temperature), dim=-1)  # in place: one (N, K) buffer
-    if not hard:
-        return soft
-    one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
-    return one_hot - soft.detach() + soft
+    return torch.softmax(noisy.add_(logits).div_(temperature), dim=-1)  # in place: one (N, K) buffer
 
 
 class _NegEntropy(torch.autograd.Function):
@@ -191,14 +184,11 @@ class _StochasticQuantizer(Quantizer):
         super().__init__(cfg)
         self.sample_at_inference = cfg.sample_at_inference
         self.codebook = nn.Parameter(torch.randn(cfg.codebook_size, cfg.dim) * cfg.codebook_init_std)
-        # straight-through hard Gumbel samples in training: set per step by the trainer from
-        # quantizer.hard_from_step (a pure function of the step, so resume is exact); off by default
-        self.hard_sample = False
 
     def _sample(self, logits: Tensor, codebook: Tensor, temperature) -> tuple[Tensor, Tensor]:
         """(B, N, K) logits -> z_q (B, N, D) and codes (B, N)."""
         if self.training:
-            return gumbel_softmax(logits, temperature, self.hard_sample) @ codebook, logits.argmax(-1)
+            return gumbel_softmax(logits, temperature) @ codebook, logits.argmax(-1)
         if self.sample_at_inference:
             codes = torch.distributions.Categorical(logits=logits).sample()
         else:

@@ -212,9 +212,6 @@ class _Run:
         calibrate = self.phase(step) == "calibration"
         if calibrate and not self.calibrating:
             self._enter_calibration()
-        hard_from = self.recipe.quantizer.hard_from_step
-        if hasattr(self.model.quantizer, "hard_sample"):
-            self.model.quantizer.hard_sample = hard_from is not None and step >= hard_from
         with eng.autocast(cfg.amp), eng.noise(step):
             result = self.net(batch, temperature=tau, calibrate=calibrate)
         loss = result.loss

@@ -1,4 +1,4 @@
-"""Decoder calibration (train.calibration_steps) and straight-through hard samples (quantizer.hard_from_step)."""
+"""Decoder calibration (train.calibration_steps)."""
 from __future__ import annotations
 
 import os
@@ -87,7 +87,7 @@ def test_calibration_forward_decodes_the_argmax_codes(tiny_store):
 def test_resume_across_and_inside_the_phase_equals_straight(cli, tiny_store, tmp_path, resume_from):
     """The phase is a function of the step: resuming before the boundary (2 -> 8 crosses it at 4) or inside
     the phase (6) gives the uninterrupted run bit for bit."""
-    straight = _train(cli, tiny_store, tmp_path / "straight", 8, 4, "quantizer.hard_from_step=3")
+    straight = _train(cli, tiny_store, tmp_path / "straight", 8, 4)
     split = tmp_path / "split"
     shutil.copytree(straight, split)
     for path in checkpoint.list_checkpoints(split):
@@ -105,14 +105,14 @@ def test_paper_recipes_have_the_options_off():
     assert len(paper) >= 10
     for name in paper + ["fashion_mnist/short_sqvae_gauss1", "vctk/mini_sqvae_gauss4", "vctk/mini_vqvae_ema"]:
         recipe = load_recipe(name)
-        assert recipe.train.calibration_steps == 0 and recipe.quantizer.hard_from_step is None, name
+        assert recipe.train.calibration_steps == 0, name
 
 
 def test_calibrated_recipes_share_budgets_with_their_baselines():
     for corpus in ("vctk", "zerospeech2019"):
         sq = load_recipe(f"{corpus}/mini_sqvae_gauss4_calibrated")
         for name in ("mini_sqvae_gauss4", "mini_vqvae_ema", "mini_vqvae_ema_decay099", "mini_vqvae_ema_calibrated",
-                     "mini_vqvae_ema_decay099_calibrated", "mini_sqvae_gauss4_hardst"):
+                     "mini_vqvae_ema_decay099_calibrated"):
             other = load_recipe(f"{corpus}/{name}")
             assert other.train.steps == sq.train.steps and other.train.milestones == sq.train.milestones, name
             if name.endswith("_calibrated"):
@@ -125,9 +125,7 @@ def test_calibrated_recipes_share_budgets_with_their_baselines():
 
 @pytest.mark.parametrize("settings,key", [
     (["train.calibration_steps=-1"], "train.calibration_steps"),
-    (["train.steps=5", "train.calibration_steps=6"], "train.calibration_steps"),
-    (["quantizer.hard_from_step=-2"], "quantizer.hard_from_step"),
-    (["quantizer.kind=vq_ema", "quantizer.hard_from_step=3"], "quantizer.hard_from_step")])
+    (["train.steps=5", "train.calibration_steps=6"], "train.calibration_steps")])
 def test_bad_values_are_one_line_errors(cli, tiny_store, tmp_path, settings, key):
     out = tmp_path / "run"
     args = ["train", "demo/tiny", "--data", tiny_store, "--out", out, "--device", "cpu"]
@@ -148,44 +146,6 @@ def test_calibration_may_be_the_whole_budget(cli, tiny_store, tmp_path):
     start = build_model(recipe).state_dict()
     after = _state(run, 2)
     assert all(torch.equal(start[k], after[k]) for k in after if _frozen(k))
-
-
-def test_hard_straight_through_sample():
-    """Forward: a one-hot row (the argmax of the Gumbel-perturbed logits); backward: the soft sample's gradient."""
-    from sqaudio import noise
-    from sqaudio.quantizers import gumbel_softmax
-
-    logits = torch.randn(5, 7, requires_grad=True)
-    weights = torch.randn(5, 7)
-    with noise.keyed(1, 2):
-        hard = gumbel_softmax(logits, 0.5, hard=True)
-    with noise.keyed(1, 2):
-        soft = gumbel_softmax(logits, 0.5)
-    assert torch.allclose(hard.detach(), torch.nn.functional.one_hot(soft.argmax(-1), 7).float(), atol=1e-6)
-    g_hard, = torch.autograd.grad((hard * weights).sum(), logits)
-    g_soft, = torch.autograd.grad((soft * weights).sum(), logits)
-    assert torch.allclose(g_hard, g_soft)
-
-
-def test_hard_sample_makes_training_latents_codebook_vectors():
-    """With hard samples the decoder's training input is one codebook vector per position (soft: mixtures)."""
-    from sqaudio.sqvae import build_model
-
-    recipe = load_recipe("demo/tiny", ["model.speech.n_speakers=2"])
-    model = build_model(recipe).train()
-    q = model.quantizer
-    z = torch.randn(2, q.dim, 5)
-    var = torch.randn(2, q.n_var_channels, 5)
-    from sqaudio import noise
-
-    with noise.keyed(0, 0):
-        soft = q(z, var_logits=var).z_q
-    q.hard_sample = True
-    with noise.keyed(0, 0):
-        hard = q(z, var_logits=var).z_q
-    dist = torch.cdist(hard.detach().transpose(1, 2).reshape(-1, q.dim), q.codebook.detach(), compute_mode="donot_use_mm_for_euclid_dist")
-    assert float(dist.min(-1).values.max()) < 1e-5
-    assert float(torch.cdist(soft.detach().transpose(1, 2).reshape(-1, q.dim), q.codebook.detach(), compute_mode="donot_use_mm_for_euclid_dist").min(-1).values.max()) > 1e-2
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
