@@ -14,13 +14,16 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from sqaudio.config import FeatureConfig
 from sqaudio.errors import UserError
+
+if TYPE_CHECKING:
+    from sqaudio.vocoder import Vocoder
 
 PESQ_RATE = 16000  # wideband PESQ is defined at 16 kHz
 EPS = 1e-12
@@ -136,10 +139,11 @@ def resynthesize(codec, store, entry: dict[str, Any]) -> Resynthesis:
 
 
 def evaluate_audio(model: str | Path, data: str | Path, split: str = "test", eval_list: str | None = None,
-                   vocoder: str = "griffin-lim", device: str | None = None, quiet: bool = False,
+                   vocoder: str | Vocoder = "griffin-lim", device: str | None = None, quiet: bool = False,
                    on_utterance: Callable[[dict, Resynthesis, dict], None] | None = None) -> dict[str, Any]:
     """Resynthesize every evaluated utterance of a speech run and average the audio metrics (METRIC_KEYS) against
-    the original waveforms. `on_utterance(entry, resynthesis, metrics)` sees each one (the report uses it)."""
+    the original waveforms. `vocoder`: a name/path or a loaded `Vocoder` (the report loads one for all its runs).
+    `on_utterance(entry, resynthesis, metrics)` sees each one (the report uses it)."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -150,16 +154,17 @@ def evaluate_audio(model: str | Path, data: str | Path, split: str = "test", eva
     if data is None:
         raise UserError("audio metrics need --data FEATURES_DIR (the output of `sqaudio prepare`)")
     codec = Codec(model, vocoder, device)
+    label = vocoder if isinstance(vocoder, str) else codec.vocoder.name
     store = open_store(data)
     entries, _ = speech_entries(store, codec.features, codec.speakers, split, eval_list)
     check_sources(entries)
     rows = []
     with Progress(console=Console(stderr=True), disable=quiet) as progress:
-        task = progress.add_task(f"audio metrics ({vocoder})", total=len(entries))
+        task = progress.add_task(f"audio metrics ({label})", total=len(entries))
         for entry in entries:
             res = resynthesize(codec, store, entry)
             rows.append(audio_metrics(res.wav, res.wav_hat, codec.features))
             if on_utterance is not None:
                 on_utterance(entry, res, rows[-1])
             progress.advance(task)
-    return {**mean_metrics(rows), "audio_utterances": len(rows), "vocoder": str(vocoder)}
+    return {**mean_metrics(rows), "audio_utterances": len(rows), "vocoder": label}

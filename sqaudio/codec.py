@@ -8,7 +8,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from sqaudio.evaluate import mel_mse_db2
 from sqaudio.features import LogMel, MelStream
 from sqaudio.models.speech import encoder_lengths
 from sqaudio.train import load_model, pick_device
+
+if TYPE_CHECKING:
+    from sqaudio.vocoder import Vocoder
 
 CHUNK_SECONDS = 10.0      # long inputs are processed in windows of this much audio (bounded memory)
 ENCODER_CONTEXT = 16      # latents per side: covers the encoder's receptive field (codes are exact)
@@ -46,14 +49,15 @@ class Codec:
 
     Args:
         model: run directory or checkpoint of a speech SQ-VAE.
-        vocoder: "griffin-lim", a vocoder directory/checkpoint, or a pretrained parallel-wavegan directory.
+        vocoder: "griffin-lim", a vocoder directory/checkpoint, a pretrained parallel-wavegan directory, or an
+            already-loaded `Vocoder` (shared by several codecs; None: no vocoder).
         device: auto, cpu, cuda ...
         chunk_seconds: window length for long inputs (memory is bounded by it, not by the input's length).
     """
 
-    def __init__(self, model: str | Path, vocoder: str | Path = "griffin-lim", device: str | None = None,
-                 chunk_seconds: float = CHUNK_SECONDS):
-        from sqaudio.vocoder import load_vocoder
+    def __init__(self, model: str | Path, vocoder: str | Path | Vocoder | None = "griffin-lim",
+                 device: str | None = None, chunk_seconds: float = CHUNK_SECONDS):
+        from sqaudio.vocoder import Vocoder, load_vocoder
 
         self.device = pick_device(device)
         self.model, state = load_model(model, self.device)
@@ -62,7 +66,8 @@ class Codec:
         self.features: FeatureConfig = from_dict(FeatureConfig, state["features"], "features")
         self.speakers: list[str] = state["speakers"]
         self.model_id = fingerprint(self.model)
-        self.vocoder = load_vocoder(str(vocoder), device=self.device) if vocoder is not None else None
+        self.vocoder = (vocoder if vocoder is None or isinstance(vocoder, Vocoder)
+                        else load_vocoder(str(vocoder), device=self.device))
         if self.vocoder is not None:
             self.vocoder.check_compatible(self.features)
         self.logmel = LogMel(self.features, method="frames").to(self.device)  # chunked |STFT| on any device

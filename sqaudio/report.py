@@ -125,10 +125,11 @@ def _speech(pages: list[RunPage], data: Path, out: Path, vocoder: str, n: int, s
     from sqaudio.evaluate import CodeUsage, evaluate, speech_entries
     from sqaudio.plots import plot_mels
     from sqaudio.store import open_store
+    from sqaudio.device import pick_device
     from sqaudio.vocoder import load_vocoder
 
     store = open_store(data)
-    load_vocoder(vocoder, "cpu").check_compatible(store.features)
+    synth = load_vocoder(vocoder, pick_device(device), store.features)  # checked before any work; loaded once for every run
     per_run = [speech_entries(store, from_dict(FeatureConfig, p.recipe["features"], "features"), p.speakers,
                               split)[0] for p in pages]
     check_sources([e for entries in per_run for e in entries])  # every problem is found before any work starts
@@ -157,7 +158,8 @@ def _speech(pages: list[RunPage], data: Path, out: Path, vocoder: str, n: int, s
                                                     "wav": f"audio/{ids[entry['id']]}/{safe_name(page.name)}.wav",
                                                     "mel": mel_png.relative_to(out).as_posix()}
 
-        audio = evaluate_audio(page.path, data, split, None, vocoder, device, quiet, on_utterance=keep)
+        audio = {**evaluate_audio(page.path, data, split, None, synth, device, quiet, on_utterance=keep),
+                 "vocoder": vocoder}
         page.metrics = {**evaluate(page.path, data, split, device=device, quiet=quiet), **audio}
         page.counts = usage.counts.numpy()
     corpus = corpus_of(store.entries)
