@@ -262,6 +262,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# Settings that earlier versions saved in checkpoints and this one no longer has: (section, key) -> the value
+# that meant "off". quantizer.hard_from_step: late straight-through hard samples, an issue-13 candidate that
+# lost to plain training and was removed (docs/training.md, "Decoder calibration").
+RETIRED: dict[tuple[str, str], Any] = {("quantizer", "hard_from_step"): None}
+
+
+def saved_recipe(saved: dict[str, Any], resuming: bool, overrides: list[str] | None = None) -> Recipe:
+    """The recipe a checkpoint saved (by this or an earlier version), with `overrides`. Retired settings are
+    dropped: they only acted in training, so any value is fine for evaluation, but a run that used one cannot be
+    resumed (it would train on differently)."""
+    saved = json.loads(json.dumps(saved))
+    for (section, key), off in RETIRED.items():
+        value = saved.get(section, {}).pop(key, off)
+        if resuming and value != off:
+            raise UserError(f"this run was trained with {section}.{key}={value}, a setting this version no longer "
+                            f"has (see docs/training.md); it can be evaluated and used, not resumed")
+    return from_dict(Recipe, apply_overrides(saved, overrides or []))
+
+
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
     _refuse_vocoder_recipe(resolve_recipe_path(name_or_path))
     return from_dict(Recipe, apply_overrides(load_recipe_dict(name_or_path), overrides or []))

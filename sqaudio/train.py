@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sqaudio import checkpoint, distributed, engine
-from sqaudio.config import (FeatureConfig, Recipe, TemperatureConfig, apply_overrides, from_dict, to_dict,
+from sqaudio.config import (FeatureConfig, Recipe, TemperatureConfig, saved_recipe, to_dict,
                             validate_recipe)
 from sqaudio.data import StepBatches, image_batches, speech_batches
 from sqaudio.device import pick_device  # noqa: F401  (re-exported for the commands)
@@ -79,7 +79,7 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe):
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SQVAE, dict[str, Any]]:
     """Rebuild a model from a checkpoint (or the newest one of a run dir) with its own saved recipe."""
     state = checkpoint.load(checkpoint.latest(Path(path)))
-    recipe = from_dict(Recipe, state["recipe"])
+    recipe = saved_recipe(state["recipe"], resuming=False)
     model = build_model(recipe)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
@@ -91,7 +91,7 @@ def resumed_recipe(state: dict[str, Any], recipe: Recipe, overrides: list[str]) 
     if recipe.name != saved.get("name"):
         raise UserError(f"this run was trained with recipe '{saved.get('name')}', not '{recipe.name}': resume "
                         f"with the same recipe (its saved config is used; change settings with --set)")
-    return from_dict(Recipe, apply_overrides(saved, overrides))
+    return saved_recipe(saved, resuming=True, overrides=overrides)
 
 
 def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False,

@@ -170,3 +170,25 @@ def test_two_gloo_processes_run_the_phase_and_match_one(tiny_store, tmp_path):
         if a6[key].is_floating_point():
             moved = (a6[key].double() - a3[key].double()).norm()
             assert (a6[key].double() - b6[key].double()).norm() <= 1e-2 * moved + 1e-5, key
+
+
+@pytest.mark.parametrize("value", [None, 3])
+def test_checkpoints_with_the_retired_hard_st_setting(cli, tiny_store, tmp_path, value):
+    """Checkpoints of the version that had quantizer.hard_from_step still evaluate; resuming is refused in one
+    line only when the run used it (it would train on differently)."""
+    from sqaudio.train import load_model
+
+    run = _train(cli, tiny_store, tmp_path / "run", 4, 0)
+    path = run / "checkpoint-4.pt"
+    state = checkpoint.load(path)
+    state["recipe"]["quantizer"]["hard_from_step"] = value
+    checkpoint.save(state, path)
+    model, _ = load_model(run)
+    assert model.recipe.quantizer.kind == "gaussian"
+    result = cli("train", "demo/tiny", "--data", tiny_store, "--out", run, *FAST, "--set", "train.steps=5", "--resume")
+    if value is None:
+        assert result.exit_code == 0, result.output
+        assert (run / "checkpoint-5.pt").is_file()
+    else:
+        assert result.exit_code == 2 and "quantizer.hard_from_step=3" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (run / "checkpoint-5.pt").exists()
