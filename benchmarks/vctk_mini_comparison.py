@@ -15,8 +15,8 @@ smoke tests and time-boxed GPU runs.
 A calibrated model whose plain twin is also run (`sq` and `sq_calibrated`, `vq_decay099` and
 `vq_decay099_calibrated`, ...) is, by default, a branch: the twin keeps its checkpoint at `steps - calibration
 steps`, and the calibrated run resumes a copy of it with the calibration phase on. The phase is a pure function
-of the step, so the branch equals a straight calibrated run bit for bit (tests/test_calibration.py) and the pair
-costs 1.15 runs instead of 2 (`--no-branch`: straight runs, all concurrent, e.g. on a GPU). The branch's
+of the step, so the branch equals a straight calibrated run bit for bit (tests/test_comparison_benchmark.py), and
+the pair costs 1.15 runs instead of 2 (`--no-branch`: straight runs, all concurrent, e.g. on a GPU). The branch's
 `config.yaml` and eval JSON name the twin's recipe, with its `train.calibration_steps` set.
 
     .venv/bin/python benchmarks/vctk_mini_comparison.py --corpus vctk --feats /work/feats/vctk-mini \
@@ -206,6 +206,9 @@ def main() -> None:
     steps = next(iter(budgets.values()))
     deadline = time.monotonic() + (args.deadline if args.deadline is not None else 10 * 365 * 86400)
     branched = {name: twin(name) for name in recipes if args.branch and twin(name) in recipes}
+    # plain model -> (its calibrated twin, that twin's calibration steps at this budget)
+    branch_of = {plain: (cal, load_recipe(r := recipes[cal], budget_overrides(r, args.steps)).train.calibration_steps)
+                 for cal, plain in branched.items()}
     common = (args.steps, device, args.timeout, deadline)
     run_dir = {(name, seed): work / f"{MODELS[name][1]}-seed{seed}" for seed in args.seeds for name in recipes}
     results: dict = {}
@@ -214,9 +217,8 @@ def main() -> None:
         futures = {}
         for seed in args.seeds:
             for name, recipe in recipes.items():
-                pair = next((c for c, p in branched.items() if p == name), None)
-                if pair is not None:
-                    cal = load_recipe(recipes[pair], budget_overrides(recipes[pair], args.steps)).train.calibration_steps
+                if name in branch_of:
+                    pair, cal = branch_of[name]
                     futures[(name, pair), seed] = pool.submit(
                         run_pair, feats, run_dir[name, seed], run_dir[pair, seed], recipe, cal, seed, *common)
                 elif name not in branched:
