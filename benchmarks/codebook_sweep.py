@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from sqaudio.config import load_recipe
-from sqaudio.evaluate import evaluate
-from sqaudio.images import missing_files
+from sqaudio.data.images import missing_files
+from sqaudio.evaluation.metrics import evaluate
 
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = {"SQ-VAE I": "sqvae_gauss1", "VQ-VAE-EMA": "vqvae_ema"}
@@ -29,7 +29,7 @@ METRICS = ("mse", "perplexity", "used_codes")
 
 def run_one(dataset: str, recipe: str, k: int, args, work: Path) -> dict:
     """Train (unless done) and evaluate one (dataset, model, K) run; returns its test metrics."""
-    from sqaudio.train import train
+    from sqaudio.training.sqvae import train
 
     run = work / dataset / f"{recipe}-K{k}"
     result = run / "eval-test.json"

@@ -50,7 +50,7 @@ sys.path.insert(0, "benchmarks")
 from train_speed import synthetic_store
 from sqaudio import checkpoint
 from sqaudio.config import load_recipe
-from sqaudio.train import train
+from sqaudio.training.sqvae import train
 
 results = {}
 with tempfile.TemporaryDirectory() as tmp:

@@ -54,8 +54,8 @@ def run_baseline(files: list[Path], out: Path, workers: int) -> float:
 
 
 def run_ours(data: Path, out: Path, workers: int) -> float:
-    from sqaudio.prepare import prepare
-    from sqaudio.store import open_store
+    from sqaudio.data.prepare import prepare
+    from sqaudio.data.store import open_store
 
     prepare(data, out, workers=workers, quiet=True)
     return sum(e["duration_s"] for e in open_store(out).entries)
@@ -79,8 +79,8 @@ def main() -> None:
     import librosa  # noqa: F401  (import cost is not the baseline's fault)
     import torch
 
-    from sqaudio.corpora import list_corpus
-    from sqaudio.prepare import default_workers
+    from sqaudio.data.corpora import list_corpus
+    from sqaudio.data.prepare import default_workers
 
     torch.set_num_threads(1)
     files = [u.path for u in list_corpus(args.data).utterances]

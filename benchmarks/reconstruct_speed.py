@@ -61,9 +61,9 @@ def make_checkpoints(root: Path, recipe_name: str) -> tuple[Path, Path]:
     import torch
 
     from sqaudio import checkpoint
+    from sqaudio.codec.vocoders import CHECKPOINT_FORMAT, build_generator, load_vocoder_config
     from sqaudio.config import load_recipe, to_dict
-    from sqaudio.sqvae import build_model
-    from sqaudio.vocoder import CHECKPOINT_FORMAT, build_generator, load_vocoder_config
+    from sqaudio.models.sqvae import build_model
 
     recipe = load_recipe(recipe_name, ["model.speech.n_speakers=100"])
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def child(run: Path, vocoder: str, wav: Path, device: str, threads: int, trace: 
     import torch
 
     torch.set_num_threads(threads)
-    from sqaudio.codec import Codec
+    from sqaudio.codec.codec import Codec
 
     codec = Codec(run, vocoder, device)
     loaded = _peak_mb()
@@ -133,10 +133,9 @@ def main() -> None:
         print(json.dumps(child(Path(run), vocoder, Path(wav), args.device, args.threads, args.tracemalloc)))
         return
     import soundfile as sf
+    from conftest import harmonic
     from rich.console import Console
     from rich.table import Table
-
-    from conftest import harmonic
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

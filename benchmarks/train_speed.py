@@ -1,7 +1,7 @@
 """Training steps per second of the reference recipe through the engine's DataLoader, against the same model
 on a batch already on the device; the data path's share of a step; host syncs per steady-state step.
 
-The step is the trainer's own (`sqaudio.train._Run.train_step`: autocast, keyed noise, backward, clip, Adam,
+The step is the trainer's own (`sqaudio.training.sqvae._Run.train_step`: autocast, keyed noise, backward, clip, Adam,
 on-device statistics); batches come from a prepared store through `Engine.batches` (workers, pinned memory,
 non-blocking copies). Without --data a synthetic store in the real format is written to a temporary folder
 (random log-mels; the loader reads .npy files exactly as from `sqaudio prepare`).
@@ -35,7 +35,7 @@ def synthetic_store(root: Path, n_speakers: int = 10, n_utts: int = 30, frames: 
                     seed: int = 0) -> Path:
     """A prepared store (manifest, feature_config.json, speakers.json, features/*.npy) of random log-mels."""
     from sqaudio.config import FeatureConfig
-    from sqaudio.store import feature_config_json
+    from sqaudio.data.store import feature_config_json
 
     rng = np.random.default_rng(seed)
     cfg, lines = FeatureConfig(), []
@@ -98,11 +98,11 @@ class SyncCounter:
 def measure(args) -> dict:
     import torch
 
-    from sqaudio import engine
     from sqaudio.config import load_recipe
     from sqaudio.distributed import Context
-    from sqaudio.sqvae import build_model
-    from sqaudio.train import _Run, build_optimizer, load_training_data
+    from sqaudio.models.sqvae import build_model
+    from sqaudio.training import engine
+    from sqaudio.training.sqvae import _Run, build_optimizer, load_training_data
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)

@@ -23,8 +23,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from sqaudio.codec.vocoders import (
+    MelConvention,
+    NeuralVocoder,
+    Vocoder,
+    build_generator,
+    load_vocoder,
+    load_vocoder_config,
+)
 from sqaudio.config import FeatureConfig
-from sqaudio.vocoder import MelConvention, NeuralVocoder, Vocoder, build_generator, load_vocoder, load_vocoder_config
 
 
 def recipe_vocoder(name: str, features: FeatureConfig, device: str) -> Vocoder:
@@ -51,8 +58,8 @@ def train_step(recipe: str, device: str) -> dict[str, float]:
     from test_vocoder import make_store  # four generated utterances with real audio files
 
     from sqaudio import checkpoint
-    from sqaudio.vocoder import export_generator
-    from sqaudio.vocoder_train import train_vocoder
+    from sqaudio.codec.vocoders import export_generator
+    from sqaudio.training.vocoder import train_vocoder
 
     times = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,36 +1,16 @@
-"""Atomic, safe checkpoint files: write to a temporary file then rename; load with weights_only=True."""
+"""Checkpoint files: written atomically (`files.atomic_write`), loaded with weights_only=True."""
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sqaudio.errors import UserError
+from sqaudio.files import atomic_write
 
 CKPT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) and move the result onto `path` in one rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the mode open() would give them
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save(state: dict[str, Any], path: Path) -> None:

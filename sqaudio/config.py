@@ -325,3 +325,9 @@ def validate_recipe(recipe: Recipe) -> None:
     _check(0 <= q.vq_decay < 1, "quantizer.vq_decay", q.vq_decay, "in [0, 1)")
     _choice("model.kind", m.kind, ("speech", "vision"))
     _check(0 <= m.speech.jitter <= 1, "model.speech.jitter", m.speech.jitter, "in [0, 1]")
+
+
+def feature_mismatch(expected: FeatureConfig, found: FeatureConfig) -> list[str]:
+    """Names and values of feature settings that differ."""
+    a, b = to_dict(expected), to_dict(found)
+    return [f"{k}: recipe {a[k]!r} vs data {b[k]!r}" for k in a if a[k] != b[k]]

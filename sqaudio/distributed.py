@@ -1,4 +1,4 @@
-"""torch.distributed glue: process-group set-up from torchrun's environment and differentiable sums.
+"""Devices and torch.distributed glue: the compute device (never hard-coded), process-group set-up from torchrun's environment and differentiable sums.
 
 Exactness rule: every rank's loss is either a mean over its local slice of the global batch (DDP averages
 those gradients into the global mean) or a term computed from globally summed statistics with the
@@ -20,6 +20,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from sqaudio.errors import UserError
+
+
+def pick_device(name: str | None) -> torch.device:
+    """`auto`/None: CUDA when present, else CPU; otherwise the named device (a UserError if it is not there)."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (e.g. auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"device '{name}' is not available here (CUDA devices: {torch.cuda.device_count()})")
+    return device
 
 
 @dataclass

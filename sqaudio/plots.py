@@ -44,7 +44,7 @@ def pyplot():
 
 def save_figure(fig, path: str | Path) -> Path:
     """Write the figure atomically (never a half-written PNG) and close it."""
-    from sqaudio.checkpoint import atomic_write
+    from sqaudio.files import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=path.suffix.lstrip(".") or "png",

@@ -44,8 +44,8 @@ def make_store(root: Path, n_speakers: int = 2, n_utts: int = 4, seconds: float 
     import json
 
     from sqaudio.config import FeatureConfig
-    from sqaudio.features import log_mel_spectrogram
-    from sqaudio.store import feature_config_json
+    from sqaudio.data.features import log_mel_spectrogram
+    from sqaudio.data.store import feature_config_json
 
     cfg = FeatureConfig()
     root.mkdir(parents=True, exist_ok=True)

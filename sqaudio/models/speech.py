@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sqaudio import noise
 from sqaudio.config import SpeechModelConfig
 from sqaudio.distributed import active, sum_all
+from sqaudio.models import noise
 
 
 def encoder_lengths(frames: Tensor) -> Tensor:

@@ -1,0 +1,109 @@
+"""`sqaudio evaluate`, `compare` and `report`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sqaudio.cli.app import OVERWRITE_OPT, app, console, out_json, say_wrote
+from sqaudio.errors import UserError
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="Run directory (newest checkpoint) or checkpoint file."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared features dir (speech) or image dataset root."),
+    split: str = typer.Option("test", "--split", help="Manifest split to evaluate (speech)."),
+    eval_list: Optional[Path] = typer.Option(None, "--list", help="Evaluation list JSON of (path without extension, speaker) rows, the reference format (speech)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Images: PNG with originals above reconstructions."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    audio: bool = typer.Option(False, "--audio", help="Speech: also resynthesize every utterance (codes -> decoder -> "
+                               "--vocoder) and score it against the original audio: pesq_wb, stoi, estoi, si_sdr_db, "
+                               "mel_distance_db2 (see docs/report.md)."),
+    vocoder: str = typer.Option("griffin-lim", "--vocoder", help="With --audio: griffin-lim, a `sqaudio vocoder train` "
+                                "dir, or a pretrained parallel-wavegan dir."),
+    overwrite: bool = OVERWRITE_OPT,
+) -> None:
+    """Mel-MSE in dB^2 (paper Table 3) or image MSE, with perplexity, used codes and bitrate.
+
+    The result is also kept in the run directory as eval-<split>.json, or eval-list-<list name>.json with --list
+    (what compare reads)."""
+    from sqaudio.evaluation.metrics import evaluate as run_evaluation
+    from sqaudio.evaluation.metrics import print_table, result_path, save_result
+    from sqaudio.files import check_free
+
+    check_free([p for p in (json_path, grid) if p is not None], overwrite)
+    result_path(model if model.is_dir() else model.parent, split, eval_list)  # refuse a clash before evaluating
+    audio_result = {}
+    if audio:
+        from sqaudio.evaluation.audio import evaluate_audio
+
+        audio_result = evaluate_audio(model, data, split, str(eval_list) if eval_list else None, vocoder, device)
+    result = run_evaluation(model, data, split, str(eval_list) if eval_list else None, device, str(grid) if grid else None)
+    result.update(audio_result)
+    print_table({model.name: result}, f"evaluation ({f'list {eval_list.name}' if eval_list else split})")
+    run_dir = model if model.is_dir() else model.parent
+    say_wrote("result (kept with the run)", save_result(run_dir, result))
+    if json_path is not None:
+        say_wrote("JSON", out_json(result, json_path))
+    if grid is not None:
+        say_wrote("image grid", grid)
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run directories (each evaluated before, or give --data)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate every run on this data now."),
+    split: str = typer.Option("test", "--split", help="Split whose saved results are compared."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Write a bar chart of the metrics here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write all results as JSON here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    overwrite: bool = OVERWRITE_OPT,
+) -> None:
+    """Side-by-side table of several runs, like the paper's Table 3. Columns are named by the shortest
+    distinct end of each run's path (runs/a/x and runs/b/x -> a/x, b/x)."""
+    import json
+
+    from sqaudio.evaluation.metrics import evaluate as run_evaluation
+    from sqaudio.evaluation.metrics import print_table, result_path, run_names, save_result
+    from sqaudio.files import check_free
+    from sqaudio.plots import compare_plot
+
+    names = run_names(runs)
+    check_free([p for p in (png, json_path) if p is not None], overwrite)
+    rows = {}
+    for name, run in zip(names, runs):
+        saved = result_path(run, split)
+        if data is not None:
+            rows[name] = run_evaluation(run, data, split, device=device, quiet=True)
+            save_result(run, rows[name])
+        elif saved.is_file():
+            rows[name] = json.loads(saved.read_text())
+        else:
+            raise UserError(f"{run} has no {saved.name}: run `sqaudio evaluate {run} --data ...` or pass --data")
+        rows[name]["run"] = str(run)
+    print_table(rows, f"comparison ({split})")
+    if png is not None:
+        say_wrote("chart", compare_plot(rows, png))
+    if json_path is not None:
+        say_wrote("JSON", out_json(rows, json_path))
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories to compare (speech runs, or image runs)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared features dir (speech) or image dataset root."),
+    out: Path = typer.Option(..., "--out", help="Report folder: index.html, metrics.json, audio/, img/."),
+    vocoder: str = typer.Option("griffin-lim", "--vocoder", help="griffin-lim, a `sqaudio vocoder train` dir, or a "
+                                "pretrained parallel-wavegan dir."),
+    utterances: int = typer.Option(4, "--utterances", min=1, help="Test utterances to listen to (spread over speakers)."),
+    split: str = typer.Option("test", "--split", help="Manifest split to evaluate and listen to (speech)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """A static listening page (no server, works offline): metrics table, players, mels, codes, curves, settings."""
+    from sqaudio.evaluation.report import build_report
+
+    index = build_report(runs, data, out, vocoder, utterances, split, device, quiet)
+    console.print(f"wrote the report: {index} (open it in a browser)")

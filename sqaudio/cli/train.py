@@ -1,0 +1,56 @@
+"""`sqaudio train` and `sqaudio recipes`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sqaudio.cli.app import app
+from sqaudio.errors import UserError
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="Recipe YAML path or shipped name, e.g. vctk/sqvae_gauss4 (see `sqaudio recipes`)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared features dir (speech) or image dataset root."),
+    out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, config.yaml, TensorBoard, plots."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.steps=1000."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary."),
+    devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP via torchrun); see docs/distributed.md."),
+) -> None:
+    """Train an SQ-VAE (or a VQ-VAE baseline) from a recipe. Ctrl-C/SIGTERM saves and exits 128 + signal."""
+    from sqaudio.config import load_recipe, validate_recipe
+    from sqaudio.training.sqvae import train as run_training
+
+    cfg = load_recipe(recipe, overrides)
+    validate_recipe(cfg)
+    if cfg.data.kind == "speech" and data is None:
+        raise UserError("speech training needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
+    if devices > 1:
+        from sqaudio.distributed import launch
+
+        if cfg.data.kind == "speech":
+            from sqaudio.data.store import open_store
+
+            open_store(data)  # a bad --data is reported once, here, before any process starts
+        args = ["train", recipe, "--out", str(out), "--device", device] + (["--data", str(data)] if data else [])
+        args += [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
+        raise typer.Exit(launch(devices, args))
+    result = run_training(cfg, data, out, resume=resume, device=device, quiet=quiet, overrides=overrides)
+    if result["interrupted"]:
+        raise typer.Exit(128 + result["interrupted"])
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes (SQ-VAE recipes for `train`, then vocoder recipes for `vocoder train`)."""
+    from sqaudio.codec.vocoders import list_vocoder_recipes
+    from sqaudio.config import list_recipes
+
+    for name in list_recipes():
+        typer.echo(name)
+    typer.echo("# vocoder recipes (sqaudio vocoder train FEATURES --recipe NAME):")
+    for name in list_vocoder_recipes():
+        typer.echo(f"vocoder/{name}")

@@ -1,0 +1,77 @@
+"""`sqaudio vocoder train | info | export`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from sqaudio.cli.app import OVERWRITE_OPT, app, say_wrote
+from sqaudio.errors import UserError
+
+vocoder_app = typer.Typer(help="Neural vocoders (parallel-wavegan) for the prepared features.", no_args_is_help=True)
+app.add_typer(vocoder_app, name="vocoder")
+
+
+@vocoder_app.command("train")
+def vocoder_train(
+    features_dir: Path = typer.Argument(..., help="Prepared feature store (`sqaudio prepare` output)."),
+    out: Path = typer.Option(..., "--out", help="Vocoder directory (checkpoints, config.yaml, logs/)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="hifigan (default), tiny, parallel_wavegan, melgan, "
+                                                               "multiband_melgan, stylemelgan, or a YAML path."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.steps=1000."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table."),
+    devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP via torchrun); see docs/distributed.md."),
+) -> None:
+    """Train a GAN vocoder (HiFi-GAN by default) on the store's normalised log-mel -> 16 kHz waveform."""
+    from sqaudio.training.vocoder import train_vocoder
+
+    if devices > 1:
+        from sqaudio.distributed import launch
+
+        args = ["vocoder", "train", str(features_dir), "--out", str(out), "--device", device]
+        args += (["--recipe", recipe] if recipe else []) + [a for o in overrides for a in ("--set", o)]
+        args += (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
+        raise typer.Exit(launch(devices, args))
+    summary = train_vocoder(features_dir, out, recipe, overrides, resume, device, quiet)
+    if summary["interrupted"]:  # stopped by SIGINT/SIGTERM after saving a checkpoint
+        raise typer.Exit(128 + summary["interrupted"])
+
+
+@vocoder_app.command("info")
+def vocoder_info(
+    path: str = typer.Argument(..., help="griffin-lim, a vocoder dir or checkpoint, or a parallel-wavegan dir."),
+) -> None:
+    """Show a vocoder's type, checkpoint and the features it takes."""
+    from rich.table import Table
+
+    from sqaudio.codec.vocoders import load_vocoder
+
+    vocoder = load_vocoder(path, "cpu")
+    table = Table(title=f"vocoder {path}", show_header=False)
+    for key, value in getattr(vocoder, "info", {}).items():
+        table.add_row(key, str(value))
+    for key, value in vocoder.native().describe().items():
+        table.add_row(key, value)
+    Console().print(table)
+
+
+@vocoder_app.command("export")
+def vocoder_export(
+    source: Path = typer.Argument(..., help="A `sqaudio vocoder train` directory (newest checkpoint) or checkpoint file."),
+    out: Path = typer.Argument(..., help="Generator-only checkpoint to write (.pt); pass it to --vocoder."),
+    overwrite: bool = OVERWRITE_OPT,
+) -> None:
+    """Write a generator-only vocoder file for inference (no discriminator or optimizer states)."""
+    from sqaudio.codec.vocoders import export_generator
+    from sqaudio.files import check_free
+
+    if out.suffix.lower() != ".pt":
+        raise UserError(f"{out}: the exported vocoder is a .pt file")
+    check_free([out], overwrite)
+    src = export_generator(source, out)
+    size = "{:.1f} MB".format
+    say_wrote(f"generator of {src.name} ({size(src.stat().st_size / 1e6)} -> {size(out.stat().st_size / 1e6)})", out)

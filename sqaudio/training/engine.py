@@ -1,0 +1,332 @@
+"""The training engine every trainer shares: devices and process groups, data loading, RNG streams,
+checkpoint choice on resume, signals, the NaN/stop agreement and on-device statistics.
+
+A trainer keeps only its models, losses and step function; its loop reads
+
+    with engine.session(device, deterministic) as eng:                # set-up and teardown
+        eng.seed_streams(seed)                                         # per-rank RNG streams
+        state = eng.resume_state(out, resume)                          # rank 0 chooses, all ranks get it
+        step, signal = eng.loop(dataset, step, total, step=train_step, # DataLoader, stop at a boundary
+                                on_log=..., save=..., ...)             # before the forward, on-device stats
+    where train_step draws its noise under `eng.noise(step)` (keyed Gumbel/jitter noise).
+
+Host syncs: none in the steady-state step (fp16's GradScaler keeps its own one); log and checkpoint steps
+read the statistics once. The stop decision travels in a non-blocking all-reduce on a CPU (gloo) group that
+is waited for one step later, so all ranks stop at the same step without waiting for each other.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sqaudio import checkpoint, distributed
+from sqaudio.data.batches import step_generator
+from sqaudio.distributed import pick_device
+from sqaudio.errors import UserError
+from sqaudio.models import noise
+
+console = Console(stderr=True)
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RankExit(SystemExit):
+    """Leave a non-zero rank with exit code 2 without printing: rank 0 reports the shared error."""
+
+    def __init__(self):
+        super().__init__(2)
+
+
+def fail_together(message: str, ctx: distributed.Context) -> None:
+    """An error every rank reached at the same point: rank 0 prints it (one line), the others leave quietly."""
+    if ctx.is_main:
+        raise UserError(message)
+    raise RankExit()
+
+
+# ------------------------------------------------------------------ RNG streams (weights_only-safe)
+
+def rng_state(dev: torch.device) -> dict[str, Any]:
+    """Every RNG stream of this process: torch CPU, this rank's CUDA device, numpy, Python."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, _ = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64)}}
+
+
+def set_rng_state(state: dict[str, Any] | torch.Tensor, dev: torch.device) -> None:
+    """Restore `rng_state` (or, from older checkpoints, a bare torch CPU state)."""
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and dev.type == "cuda":
+        torch.cuda.set_rng_state(cuda, dev)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((state["python"]["version"], tuple(int(v) for v in state["python"]["state"]), None))
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of rank `rank`'s RNG streams started at `step`: rank 0 at step 0 keeps the run's seed (so one
+    process is unchanged); every other (rank, step) gets its own stream."""
+    return seed if rank == 0 and step == 0 else step_generator(seed, 3, rank, step).initial_seed()
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and every CUDA device), numpy and Python."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# ------------------------------------------------------------------ signals and the stop agreement
+
+class Stop:
+    """SIGINT/SIGTERM request a stop; `requested()` is the decision all ranks share, taken at a step boundary.
+
+    One process: the signal itself. Several: each boundary waits for the all-reduce (MAX) started at the
+    previous boundary (long finished: no wait in practice) and starts the next one, so every rank sees the
+    same signal at the same step. A second signal is not caught: it ends the process at once.
+    """
+
+    def __init__(self, ctx: distributed.Context):
+        self.ctx, self.signals = ctx, distributed.StopSignals()
+        self.signal: int | None = None
+        self._work, self._buf = None, torch.zeros(1, dtype=torch.int64)
+        self._group = distributed.control_group() if ctx.world > 1 else None
+
+    def __enter__(self) -> "Stop":
+        self.signals.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.signals.__exit__(*exc)
+        if self._work is not None and exc[0] is None:
+            self._work.wait()
+
+    def requested(self) -> bool:
+        if self._group is None:
+            self.signal = self.signals.signal
+            return self.signal is not None
+        if self._work is not None:
+            self._work.wait()
+            self.signal = int(self._buf[0]) or None
+            if self.signal is not None:
+                self._work = None
+                return True
+        self._buf[0] = self.signals.signal or 0
+        self._work = torch.distributed.all_reduce(self._buf, torch.distributed.ReduceOp.MAX, group=self._group,
+                                                  async_op=True)
+        return False
+
+
+# ------------------------------------------------------------------ statistics on the device
+
+class Meter:
+    """Sums of per-step scalars kept on the device; `read()` averages them over steps and ranks (one sync).
+
+    A `nonfinite` count rides along with the sums, so a NaN/inf loss is found at the next read.
+    """
+
+    def __init__(self, ctx: distributed.Context):
+        self.ctx, self.sums, self.steps, self.first = ctx, {}, 0, None
+
+    def add(self, step: int, values: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).float()
+        for key, value in {**values, "nonfinite": bad}.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.first = step if self.first is None else self.first
+        self.steps += 1
+
+    def read(self, last_step: int, out: Path, reset: bool = True) -> dict[str, float]:
+        """Averages over the steps since the last reset and over all ranks (a collective); fails on every
+        rank if a loss was not finite. `reset=False` only checks (checkpoint steps between log steps)."""
+        if not self.steps:
+            return {}
+        keys = sorted(self.sums)
+        total = distributed.sum_all(torch.stack([self.sums[k] for k in keys]))
+        row = dict(zip(keys, (total / (self.steps * self.ctx.world)).tolist()))  # the one host sync
+        first = self.first
+        if reset:
+            self.sums, self.steps, self.first = {}, 0, None
+        if row.pop("nonfinite") > 0:
+            good = checkpoint.list_checkpoints(out) if out.is_dir() else []
+            fail_together(f"non-finite loss between steps {first + 1} and {last_step} (mean loss "
+                          f"{row.get('loss', float('nan'))}); stopped without saving (last good checkpoint: "
+                          f"{good[-1] if good else 'none'})", self.ctx)
+        return row
+
+
+# ------------------------------------------------------------------ the session
+
+@dataclass
+class Engine:
+    """One process's view of a run: its device, its place in the process group and the run's seed."""
+
+    dev: torch.device
+    ctx: distributed.Context
+    seed: int = 0
+
+    def seed_streams(self, seed: int) -> None:
+        """The run's seed; this rank's torch/numpy/Python streams start from (seed, rank)."""
+        self.seed = seed
+        seed_all(rank_seed(seed, self.ctx.rank))
+
+    def autocast(self, amp: str):
+        """bf16/fp16 autocast on CUDA; full precision elsewhere (recipes name bf16 for GPUs)."""
+        dtype = AMP_DTYPES[amp] if self.dev.type == "cuda" else None
+        return torch.autocast(self.dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def noise(self, step: int):
+        """Gumbel/jitter noise of `step` keyed by each row's global batch position (`sqaudio.noise`)."""
+        return noise.keyed(self.seed, step, self.ctx.rank, self.ctx.world)
+
+    def batches(self, dataset, start: int, total: int, workers: int) -> Iterator[tuple[int, Any]]:
+        """(step, batch on the device) for steps start..total-1 through a DataLoader.
+
+        `dataset[step]` is the whole (rank-sliced) batch of that step, a pure function of (seed, step), so
+        workers, prefetching and resume change nothing about what a step sees.
+        """
+        cuda = self.dev.type == "cuda"
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=range(start, total), num_workers=workers, pin_memory=cuda,
+            prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
+            worker_init_fn=_quiet_worker, generator=torch.Generator())
+        for step, batch in zip(range(start, total), loader):
+            yield step, _to(batch, self.dev)
+
+    def loop(self, dataset, start: int, total: int, *, workers: int, step: Callable[[int, Any], tuple[Any, dict]],
+             log_every: int, checkpoint_every: int, on_log: Callable[[int, dict[str, float]], str],
+             save: Callable[[int], None], out: Path, label: str, quiet: bool) -> tuple[int, int | None]:
+        """The training loop every trainer runs; returns (the step reached, the stopping signal or None).
+
+        `step(s, batch) -> (loss, statistics)` is the trainer's own optimisation step (device tensors). A stop
+        is taken at a step boundary, before the forward, so the state saved then is exactly that after the
+        last step. Statistics are read (one host sync, the NaN check) on log and checkpoint steps only;
+        `on_log(step, averages)` returns the progress text; `save(step)` runs on every rank at checkpoint
+        steps, at the end and after a stop.
+        """
+        meter = Meter(self.ctx)
+        with Stop(self.ctx) as stop, progress(label, quiet) as bar:
+            task = bar.add_task("", total=total, completed=start)
+            reached = start
+            for s, batch in self.batches(dataset, start, total, workers):
+                if stop.requested():
+                    break
+                loss, values = step(s, batch)
+                reached = s + 1
+                meter.add(s, values, loss)
+                log, ckpt = reached % log_every == 0 or reached == total, reached % checkpoint_every == 0
+                if log or ckpt:
+                    row = meter.read(reached, out, reset=log)
+                    if log:
+                        bar.update(task, description=on_log(reached, row))
+                bar.update(task, completed=reached)
+                if ckpt or reached == total:
+                    save(reached)
+            if stop.signal is not None:
+                meter.read(reached, out)
+                save(reached)
+        return reached, stop.signal
+
+    def resume_state(self, out: Path, resume: bool, fmt: str | None = None) -> dict[str, Any] | None:
+        """Rank 0 chooses the newest checkpoint of `out` and sends it to every rank (the run dir need only be
+        visible to rank 0); refuses an existing run without --resume. None: start from scratch."""
+        message, state = None, None
+        if self.ctx.is_main:
+            found = checkpoint.list_checkpoints(out) if out.is_dir() else []
+            if found and not resume:
+                message = f"{out} already holds checkpoints; pass --resume to continue or choose a new --out"
+            elif found:
+                state = checkpoint.load(found[-1])
+                if fmt is not None and state.get("format") != fmt:
+                    message, state = f"{out} does not hold {fmt} checkpoints", None
+        message, state = distributed.broadcast_object((message, state))
+        if message:
+            fail_together(message, self.ctx)
+        return state
+
+    def restore_rng(self, state: dict[str, Any], step: int) -> None:
+        """This rank's saved streams when the checkpoint has one per rank of this world size; otherwise
+        rank 0 takes the saved rank-0 streams and the others start fresh ones (`rank_seed`)."""
+        ranks = state.get("rng_ranks") or []
+        if len(ranks) == self.ctx.world:
+            set_rng_state(ranks[self.ctx.rank], self.dev)
+        elif self.ctx.is_main:
+            set_rng_state(state["rng"], self.dev)
+        else:
+            seed_all(rank_seed(self.seed, self.ctx.rank, step))
+
+    def rng_states(self) -> dict[str, Any]:
+        """{"rng": rank 0's streams, "rng_ranks": every rank's} for a checkpoint (a collective)."""
+        states = distributed.gather_object(rng_state(self.dev))
+        return {"rng": states[0], "rng_ranks": states}
+
+
+def _to(batch, dev: torch.device):
+    if isinstance(batch, dict):
+        return {k: _to(v, dev) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, dev) for v in batch)
+    return batch.to(dev, non_blocking=True)
+
+
+def _quiet_worker(_: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process (which stops at a step boundary)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def set_deterministic(on: bool) -> None:
+    """PyTorch's deterministic algorithms (CUDA: cuBLAS workspace, no cuDNN autotuning) when `on`. Ops with
+    no deterministic CUDA kernel (e.g. index_add_ for the code counts, whose integer sums are exact anyway)
+    warn instead of failing."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA work
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+@contextlib.contextmanager
+def session(device: str | None, deterministic: bool = False) -> Iterator[Engine]:
+    """Pick the device and join torchrun's process group (one device per local rank); on leaving, tear the
+    group down (no barrier when leaving on an error). Under several processes a broken collective (a peer
+    failed and reported its own error) ends this rank quietly with exit code 2. Call `seed_streams` next."""
+    dev = pick_device(device)
+    set_deterministic(deterministic)
+    ctx = distributed.init_from_env(dev)
+    ok = False
+    try:
+        if dev.type == "cuda" and ctx.world > 1:
+            dev = torch.device("cuda", ctx.local_rank)
+            torch.cuda.set_device(dev)
+        yield Engine(dev, ctx)
+        ok = True
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if ctx.world > 1 and distributed.is_peer_failure(err):
+            raise RankExit() from None
+        raise
+    finally:
+        distributed.shutdown(wait=ok)
+
+
+def progress(label: str, quiet: bool) -> Progress:
+    """The training progress bar (stderr): bar, step/total, elapsed, remaining, a short statistics text."""
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.description}"), console=console, disable=quiet)

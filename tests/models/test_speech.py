@@ -1,0 +1,94 @@
+"""Speech model: masks make a padded batch equal to its utterances one by one."""
+import torch
+
+from sqaudio.config import Recipe, load_recipe
+from sqaudio.models.speech import MaskedBatchNorm1d, encoder_lengths
+from sqaudio.models.sqvae import build_model
+
+
+def tiny_recipe(**quantizer) -> Recipe:
+    overrides = ["model.speech.n_speakers=3", "model.speech.jitter=0.0"] + [f"quantizer.{k}={v}" for k, v in quantizer.items()]
+    return load_recipe("demo/tiny", overrides)
+
+
+def test_encoder_lengths_match_conv_arithmetic():
+    model = build_model(tiny_recipe())
+    for frames in (6, 7, 34, 101):
+        h = model.encoder(torch.randn(1, 80, frames))
+        assert h.shape[-1] == encoder_lengths(torch.tensor(frames)).item()
+
+
+def test_masked_batchnorm_ignores_padding():
+    torch.manual_seed(0)
+    bn_a, bn_b = MaskedBatchNorm1d(4), MaskedBatchNorm1d(4)
+    x = torch.randn(2, 4, 10)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    padded = x.clone()
+    padded[1, :, 6:] = 1e3  # garbage in the padding
+    ya = bn_a(padded, mask)
+    valid = torch.cat([x[0], x[1, :, :6]], dim=1)[None]  # all valid positions as one sequence
+    yb = bn_b(valid)
+    torch.testing.assert_close(torch.cat([ya[0], ya[1, :, :6]], dim=1)[None], yb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn_a.running_mean, bn_b.running_mean)
+    torch.testing.assert_close(bn_a.running_var, bn_b.running_var)
+
+
+def _utterances():
+    torch.manual_seed(1)
+    return [torch.rand(80, n) for n in (40, 26, 33)]
+
+
+def _batch(mels, speakers):
+    lengths = torch.tensor([m.shape[-1] for m in mels])
+    mel = torch.zeros(len(mels), 80, int(lengths.max()))
+    for row, m in zip(mel, mels):
+        row[:, : m.shape[-1]] = m
+    return {"mel": mel, "lengths": lengths, "speaker": torch.tensor(speakers)}
+
+
+def test_padded_batch_equals_utterances_one_by_one_in_eval():
+    model = build_model(tiny_recipe()).eval()
+    mels = _utterances()
+    out = model(_batch(mels, [0, 1, 2]))
+    for i, m in enumerate(mels):
+        single = model({"mel": m[None], "speaker": torch.tensor([i])})
+        n = single.x_hat.shape[-1]
+        torch.testing.assert_close(out.x_hat[i, :, :n], single.x_hat[0], atol=1e-5, rtol=1e-5)
+        assert out.mask[i, 0].sum() == n
+        torch.testing.assert_close(out.codes[i, : single.codes.shape[-1]], single.codes[0])
+
+
+def test_padded_training_loss_and_gradients_ignore_padding():
+    """Same loss and gradients whatever garbage fills the padding (BatchNorm stats, GRU, quantizer, likelihood)."""
+    mels = _utterances()
+    grads, losses = [], []
+    for fill in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = build_model(tiny_recipe()).train()
+        batch = _batch(mels, [0, 1, 2])
+        for i, m in enumerate(mels):
+            batch["mel"][i, :, m.shape[-1]:] = fill
+        torch.manual_seed(123)
+        out = model(batch, temperature=0.5)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_jitter_copies_only_neighbours_inside_each_utterance():
+    from sqaudio.models.speech import Jitter
+
+    jitter = Jitter(1.0).train()  # every latent is replaced by a neighbour
+    lengths = torch.tensor([7, 3])
+    z = torch.arange(7.0).expand(2, 1, 7).clone()  # the value of a latent is its position
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = jitter(z, lengths)[:, 0]
+        for row, n in zip(out, lengths):
+            src = row[:n]
+            assert torch.all(src <= n - 1) and torch.all(src >= 0)
+            assert torch.all((src - torch.arange(float(n))).abs() <= 1)
+    assert torch.equal(Jitter(0.5).eval()(z, lengths), z)
