@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test browser clean
+.PHONY: setup demo test system clean
 
 setup: $(STAMP)
 
@@ -23,16 +23,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/sqaudio demo demo_out
 
-test: $(STAMP) browser
+test: $(STAMP) system
 	$(PY) -m pytest
 
-# Headless Chromium for the listening-page test (tests/test_report.py): the Debian packages chromium and
-# chromium-driver, installed here when missing and we are root (as CI is). Without them that test skips,
-# except under CI=true, where it fails.
-browser:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
-	else echo "note: no /usr/bin/chromium or /usr/bin/chromedriver (as root: apt-get install chromium chromium-driver); the browser test will skip"; fi
+# Debian packages the tests use, installed when missing and we are root (as CI is): chromium and chromium-driver
+# (the listening-page browser test, tests/evaluation/test_report.py) and dataset-fashion-mnist (the real
+# Fashion-MNIST files, tests/data/test_images.py). Without them those tests skip, except under CI=true, where
+# they fail.
+SYSTEM_PACKAGES := chromium chromium-driver dataset-fashion-mnist
+SYSTEM_FILES := /usr/bin/chromium /usr/bin/chromedriver /usr/share/datasets/fashion-mnist
+
+system:
+	@missing=""; for f in $(SYSTEM_FILES); do [ -e $$f ] || missing="$$missing $$f"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
+	else echo "note: missing$$missing (as root: apt-get install $(SYSTEM_PACKAGES)); the tests that need them will skip"; fi
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -12,21 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 HERE = Path(__file__).resolve().parent
 RATE = 16000
-
-
-def harmonic(seconds: float, f0: float, seed: int) -> np.ndarray:
-    """A speech-like harmonic signal with vibrato and a little noise, float32 in [-1, 1]."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) / RATE
-    x = sum(np.sin(k * phase) / k for k in range(1, 12))
-    x = x * (0.5 + 0.5 * np.sin(2 * np.pi * 1.5 * t) ** 2) + 0.01 * rng.standard_normal(t.size)
-    return (0.5 * x / np.abs(x).max()).astype(np.float32)
+sys.path.insert(0, str(HERE.parent))
+from conftest import harmonic  # noqa: E402  (the tests' generated speech)
 
 
 def write_corpus(root: Path) -> None:
@@ -35,7 +26,7 @@ def write_corpus(root: Path) -> None:
         for u in range(4):
             path = root / spk / f"{spk}_{u}.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(path, harmonic(0.8 + 0.1 * u, 110 + 40 * s + 7 * u, 10 * s + u), RATE, subtype="PCM_16")
+            sf.write(path, harmonic(0.8 + 0.1 * u, RATE, 110 + 40 * s + 7 * u, seed=10 * s + u), RATE, subtype="PCM_16")
 
 
 def sqaudio(*args: str) -> None:
