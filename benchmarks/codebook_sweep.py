@@ -21,6 +21,7 @@ import torch
 from sqaudio.config import load_recipe
 from sqaudio.data.images import missing_files
 from sqaudio.evaluation.metrics import evaluate
+from sqaudio.evaluation.runs import load_run
 
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = {"SQ-VAE I": "sqvae_gauss1", "VQ-VAE-EMA": "vqvae_ema"}
@@ -41,7 +42,7 @@ def run_one(dataset: str, recipe: str, k: int, args, work: Path) -> dict:
     start = time.time()
     train(load_recipe(f"{dataset}/{recipe}", overrides), args.data, run, resume=run.is_dir(), device="cpu",
           quiet=True)
-    metrics = evaluate(run, args.data, device="cpu", quiet=True)
+    metrics = evaluate(load_run(run, "cpu"), args.data, quiet=True)
     metrics["seconds"] = round(time.time() - start, 1)
     result.write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -54,10 +54,10 @@ def run_baseline(files: list[Path], out: Path, workers: int) -> float:
 
 
 def run_ours(data: Path, out: Path, workers: int) -> float:
-    from sqaudio.data.prepare import prepare
+    from sqaudio.data.prepare import PrepareOptions, prepare
     from sqaudio.data.store import open_store
 
-    prepare(data, out, workers=workers, quiet=True)
+    prepare(data, out, options=PrepareOptions(workers=workers, quiet=True))
     return sum(e["duration_s"] for e in open_store(out).entries)
 
 

@@ -58,7 +58,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     from sqaudio.config import QuantizerConfig
-    from sqaudio.models.quantizers import build_quantizer
+    from sqaudio.models.sqvae import build_quantizer
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)

@@ -5,7 +5,7 @@
 
 The SQ-VAE is the recipe's reference-size speech model and `hifigan` the default vocoder recipe, both freshly
 initialised (speed and memory do not depend on the weights) and saved as checkpoints, so the measured path is
-the command's own: `Codec` from a run directory, `Codec.reconstruct_to` (what `sqaudio reconstruct` runs: features
+the command's own: `Codec.load` from a run directory, `Codec.reconstruct_to` (what `sqaudio reconstruct` runs: features
 streamed from the file in two passes, models on windows of `CHUNK_SECONDS`, the wav written block by block). Each
 (length, vocoder) runs in a fresh process. Memory columns: the peak RSS (ru_maxrss) and that peak after loading
 (imports, model, vocoder); the rise of the resident set during `reconstruct_to` (VmHWM reset through
@@ -88,7 +88,7 @@ def child(run: Path, vocoder: str, wav: Path, device: str, threads: int, trace: 
     torch.set_num_threads(threads)
     from sqaudio.codec.codec import Codec
 
-    codec = Codec(run, vocoder, device)
+    codec = Codec.load(run, vocoder, device)
     loaded = _peak_mb()
     out = wav.with_suffix(".out.wav")
     row: dict = {"after_load_mb": loaded}

@@ -1,8 +1,8 @@
 """Training steps per second of the reference recipe through the engine's DataLoader, against the same model
 on a batch already on the device; the data path's share of a step; host syncs per steady-state step.
 
-The step is the trainer's own (`sqaudio.training.sqvae._Run.train_step`: autocast, keyed noise, backward, clip, Adam,
-on-device statistics); batches come from a prepared store through `Engine.batches` (workers, pinned memory,
+The step is the trainer's own (`sqaudio.training.sqvae.SQVAETrainer.step`: autocast, keyed noise, backward, clip,
+Adam, the LR schedule, on-device statistics); batches come from a prepared store through `Process.batches` (workers, pinned memory,
 non-blocking copies). Without --data a synthetic store in the real format is written to a temporary folder
 (random log-mels; the loader reads .npy files exactly as from `sqaudio prepare`).
 
@@ -102,7 +102,7 @@ def measure(args) -> dict:
     from sqaudio.distributed import Context
     from sqaudio.models.sqvae import build_model
     from sqaudio.training import engine
-    from sqaudio.training.sqvae import _Run, build_optimizer, load_training_data
+    from sqaudio.training.sqvae import SQVAETrainer, build_optimizer, load_training_data
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -110,17 +110,16 @@ def measure(args) -> dict:
     if args.workers is not None:
         overrides.append(f"data.num_workers={args.workers}")
     recipe = load_recipe(args.recipe, overrides)
-    td = load_training_data(recipe, args.data)
+    data = load_training_data(recipe, args.data)
     import dataclasses
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, speech=dataclasses.replace(
-        recipe.model.speech, n_speakers=len(td.speakers))))
-    eng = engine.Engine(dev, Context(), recipe.train.seed)
+        recipe.model.speech, n_speakers=len(data.speakers))))
+    process = engine.Process(dev, Context(), recipe.train.seed)
     model = build_model(recipe).to(dev).train()
-    opt, sched = build_optimizer(model, recipe)
+    optimizer, scheduler = build_optimizer(model, recipe)
     warm, steps = args.warmup, args.steps
-    run = _Run(eng, model, opt, sched, td, recipe, Path(tempfile.gettempdir()), warm + steps)
-    scaler = torch.amp.GradScaler(dev.type, enabled=recipe.train.amp == "fp16" and dev.type == "cuda")
-    meter = engine.Meter(eng.ctx)
+    trainer = SQVAETrainer(process, model, optimizer, scheduler, data, recipe, warm + steps)
+    meter = engine.Meter(process.ctx)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def loop(batches, count: SyncCounter | None = None) -> float:
@@ -131,7 +130,7 @@ def measure(args) -> dict:
                 start = time.perf_counter()
                 if count is not None:
                     count.__enter__()
-            loss, values = run.train_step(s, batch, scaler)
+            loss, values = trainer.step(s, batch)
             meter.add(s, values, loss)
         sync()
         if count is not None:
@@ -142,12 +141,12 @@ def measure(args) -> dict:
 
     t0 = time.perf_counter()
     for s in range(20):
-        td.batches[s]
+        data.batches[s]
     host_ms = (time.perf_counter() - t0) / 20 * 1000  # building one batch in one process (what workers hide)
     counter = SyncCounter(dev.type == "cuda")
-    fixed = engine._to(td.batches[0], dev)
+    fixed = engine.to_device(data.batches[0], dev)
     before = loop((s, fixed) for s in range(warm + steps))  # in memory before and after: no order effect
-    loader_rate = loop(eng.batches(td.batches, 0, warm + steps, recipe.data.num_workers), counter)
+    loader_rate = loop(process.batches(data.batches, 0, warm + steps, recipe.data.num_workers), counter)
     memory_rate = (before + loop((s, fixed) for s in range(warm + steps))) / 2
     return {"recipe": recipe.name, "device": str(dev), "amp": recipe.train.amp if dev.type == "cuda" else "none (cpu)",
             "batch_size": recipe.data.batch_size, "frames": recipe.data.sample_frames + 2,

@@ -23,8 +23,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from sqaudio.codec.mel_conventions import MelConvention
 from sqaudio.codec.vocoders import (
-    MelConvention,
     NeuralVocoder,
     Vocoder,
     build_generator,
@@ -55,21 +55,22 @@ def real_time_factor(vocoder: Vocoder, mel: torch.Tensor, seconds: float, repeat
 def train_step(recipe: str, device: str) -> dict[str, float]:
     """Seconds per step and checkpoint sizes (MB) of a recipe, on a generated 16 kHz store."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_vocoder import make_store  # four generated utterances with real audio files
+    from factories import make_store  # generated utterances with real audio files
 
     from sqaudio import checkpoint
     from sqaudio.codec.vocoders import export_generator
+    from sqaudio.data.store import open_store
     from sqaudio.training.vocoder import train_vocoder
 
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = make_store(Path(tmp) / "store", rate=16000)
+        store = open_store(make_store(Path(tmp) / "store", rate=16000))
         for steps in (1, 4):
             out = Path(tmp) / f"run{steps}"
             sets = [f"train.steps={steps}", "train.checkpoint_every=1000000", "train.eval_utterances=0",
                     "train.num_workers=0", "train.log_every=1"]
             start = time.perf_counter()
-            train_vocoder(store, out, recipe, sets, device=device, quiet=True)
+            train_vocoder(store, out, load_vocoder_config(recipe, sets), device=device, quiet=True)
             times[steps] = time.perf_counter() - start
         full = checkpoint.latest(Path(tmp) / "run4")
         export_generator(full, Path(tmp) / "gen.pt")

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -20,6 +20,7 @@ from sqaudio.errors import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 VOCODER_DIR = "vocoder"      # recipes/vocoder/: vocoder recipes, not SQ-VAE recipes
+Config = TypeVar("Config")
 
 
 @dataclass
@@ -198,25 +199,32 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def resolve_recipe_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
-    """A YAML path, or a shipped recipe name such as `vctk/sqvae_gauss4`."""
+def list_recipes(folder: str = "") -> list[str]:
+    """Shipped recipe names: SQ-VAE recipes (`folder` ""; those under vocoder/ are not), or the recipes of
+    one folder by their names inside it (`folder` "vocoder": the vocoder recipes)."""
+    root = RECIPES_DIR / folder
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")
+                  if folder or p.relative_to(root).parts[0] != VOCODER_DIR)
+
+
+def resolve_recipe_path(name_or_path: str | Path, relative_to: Path | None = None, folder: str = "") -> Path:
+    """A YAML path, or a shipped recipe name: `vctk/sqvae_gauss4`, or with `folder` "vocoder" `tiny` (also
+    `vocoder/tiny`)."""
     candidates = [Path(name_or_path)]
     if relative_to is not None:
         candidates.insert(0, relative_to / name_or_path)
     name = str(name_or_path).removesuffix(".yaml")
-    candidates.append(RECIPES_DIR / f"{name}.yaml")
+    if folder:
+        name = name.removeprefix(f"{folder}/")
+    candidates.append(RECIPES_DIR / folder / f"{name}.yaml")
     for path in candidates:
         if path.is_file():
             return path
-    close = difflib.get_close_matches(name, list_recipes(), n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(close)}?" if close else "`sqaudio recipes` lists them"
-    raise UserError(f"recipe '{name_or_path}' not found: {hint}")
-
-
-def list_recipes() -> list[str]:
-    """Shipped SQ-VAE recipe names (vocoder recipes, under vocoder/, are for `sqaudio vocoder train`)."""
-    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml")
-                  if p.relative_to(RECIPES_DIR).parts[0] != VOCODER_DIR)
+    names = list_recipes(folder)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = (f"did you mean {' or '.join(close)}?" if close else
+            f"shipped: {', '.join(names)}, or a YAML path" if folder else "`sqaudio recipes` lists them")
+    raise UserError(f"{folder + ' ' if folder else ''}recipe '{name_or_path}' not found: {hint}")
 
 
 def _refuse_vocoder_recipe(path: Path) -> None:
@@ -225,8 +233,9 @@ def _refuse_vocoder_recipe(path: Path) -> None:
                         f"--recipe {path.stem} --out DIR`")
 
 
-def load_recipe_dict(name_or_path: str | Path, relative_to: Path | None = None) -> dict[str, Any]:
-    path = resolve_recipe_path(name_or_path, relative_to)
+def load_recipe_dict(name_or_path: str | Path, relative_to: Path | None = None, folder: str = "") -> dict[str, Any]:
+    """A recipe's mapping with its `base:` chain merged under it (bases resolve next to it, then by name)."""
+    path = resolve_recipe_path(name_or_path, relative_to, folder)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -234,7 +243,7 @@ def load_recipe_dict(name_or_path: str | Path, relative_to: Path | None = None) 
     base = data.pop("base", None)
     name = data.pop("name", None) or _recipe_name(path)
     if base is not None:
-        data = deep_merge(load_recipe_dict(base, path.parent), data)
+        data = deep_merge(load_recipe_dict(base, path.parent, folder), data)
     data["name"] = name
     return data
 
@@ -263,7 +272,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 # Settings that earlier versions saved in checkpoints and this one no longer has: (section, key) -> the value
-# that meant "off". quantizer.hard_from_step: late straight-through hard samples, an issue-13 candidate that
+# that meant "off". quantizer.hard_from_step: late straight-through hard samples, a candidate that
 # lost to plain training and was removed (docs/training.md, "Decoder calibration").
 RETIRED: dict[tuple[str, str], Any] = {("quantizer", "hard_from_step"): None}
 
@@ -278,12 +287,27 @@ def saved_recipe(saved: dict[str, Any], resuming: bool, overrides: list[str] | N
         if resuming and value != off:
             raise UserError(f"this run was trained with {section}.{key}={value}, a setting this version no longer "
                             f"has (see docs/training.md); it can be evaluated and used, not resumed")
-    return from_dict(Recipe, apply_overrides(saved, overrides or []))
+    return from_saved(Recipe, saved, overrides)
+
+
+def load_config(cls: type[Config], name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+    """The one recipe loader: a shipped name or YAML path of `cls`'s recipes (`cls.RECIPES`, the folder under
+    recipes/; SQ-VAE recipes have none), its `base:` chain merged under it, the `--set` overrides applied, and
+    the result built into `cls` (unknown keys and wrong types are errors naming the key)."""
+    folder = getattr(cls, "RECIPES", "")
+    if not folder:
+        _refuse_vocoder_recipe(resolve_recipe_path(name_or_path))
+    return from_saved(cls, load_recipe_dict(name_or_path, folder=folder), overrides)
+
+
+def from_saved(cls: type[Config], saved: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """A configuration saved as a mapping (a checkpoint's), with the `--set` overrides applied."""
+    return from_dict(cls, apply_overrides(saved, overrides or []))
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    _refuse_vocoder_recipe(resolve_recipe_path(name_or_path))
-    return from_dict(Recipe, apply_overrides(load_recipe_dict(name_or_path), overrides or []))
+    """An SQ-VAE recipe (`load_config`)."""
+    return load_config(Recipe, name_or_path, overrides)
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -327,7 +351,8 @@ def validate_recipe(recipe: Recipe) -> None:
     _check(0 <= m.speech.jitter <= 1, "model.speech.jitter", m.speech.jitter, "in [0, 1]")
 
 
-def feature_mismatch(expected: FeatureConfig, found: FeatureConfig) -> list[str]:
-    """Names and values of feature settings that differ."""
+def feature_mismatch(expected: FeatureConfig, found: FeatureConfig,
+                     names: tuple[str, str] = ("recipe", "data")) -> list[str]:
+    """'setting: <names[0]> value vs <names[1]> value' for each feature setting that differs."""
     a, b = to_dict(expected), to_dict(found)
-    return [f"{k}: recipe {a[k]!r} vs data {b[k]!r}" for k in a if a[k] != b[k]]
+    return [f"{k}: {names[0]} {a[k]!r} vs {names[1]} {b[k]!r}" for k in a if a[k] != b[k]]

@@ -1,4 +1,5 @@
-"""Devices and torch.distributed glue: the compute device (never hard-coded), process-group set-up from torchrun's environment and differentiable sums.
+"""Devices and torch.distributed glue: the compute device (never hard-coded), process-group set-up from
+torchrun's environment, differentiable sums, and `--devices N` (local processes running this command).
 
 Exactness rule: every rank's loss is either a mean over its local slice of the global batch (DDP averages
 those gradients into the global mean) or a term computed from globally summed statistics with the
@@ -71,6 +72,13 @@ def sum_all(x: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():  # its replacement is private API; this one is autograd-aware
         warnings.simplefilter("ignore", FutureWarning)
         return all_reduce(x)
+
+
+def broadcast(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values of `x` on every rank, in place (identity outside a process group)."""
+    if active():
+        dist.broadcast(x, src=0)
+    return x
 
 
 def barrier() -> None:
@@ -148,6 +156,34 @@ def launch(nproc: int, args: list[str]) -> int:
         return _wait_all(procs)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def relaunch(command, nproc: int, drop: str = "--devices") -> int:
+    """Run the current CLI command again in `nproc` local processes (`launch`): its own parsed arguments,
+    rebuilt from its context `command` (a click/Typer context), without the option `drop`."""
+    return launch(nproc, command_args(command, drop))
+
+
+def command_args(command, drop: str) -> list[str]:
+    """A click/Typer command context's sub-command words and parsed parameters as an argument list, leaving
+    out option `drop` (options absent on the command line appear with their defaults)."""
+    words, node = [], command
+    while node.parent is not None:  # the sub-command names below the program: ["vocoder", "train"]
+        words.insert(0, node.info_name)
+        node = node.parent
+    for param in command.command.params:
+        value = command.params.get(param.name)
+        if drop in param.opts or value is None:
+            continue
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
+            words += [param.opts[0]] if value else param.secondary_opts[:1]
+        elif param.multiple:
+            words += [word for item in value for word in (param.opts[0], str(item))]
+        else:
+            words += [param.opts[0], str(value)]
+    return words
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> int:

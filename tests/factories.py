@@ -1,5 +1,6 @@
 """Builders of small test inputs shared by several test folders: a vocoder feature store, image dataset trees
-in the exact on-disk formats torchvision reads, and tiny vocoder recipe overrides."""
+in the exact on-disk formats torchvision reads, tiny vocoder recipe overrides, and a briefly trained model made to
+use many codes (`spread_codes`)."""
 from __future__ import annotations
 
 import gzip
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 from conftest import harmonic
 from PIL import Image
 
 from sqaudio.config import FeatureConfig, to_dict
-from sqaudio.data.features import load_audio, log_mel_spectrogram
+from sqaudio.data.audio import load_audio
+from sqaudio.data.features import log_mel_spectrogram
 
 FEATURES = FeatureConfig()
 TINY = ["train.steps=4", "train.checkpoint_every=100", "train.log_every=1", "train.discriminator_start=1",
@@ -115,3 +118,17 @@ def write_celebamask_tree(root: Path, counts=(11, 2, 3), side=128, seed=0) -> di
         for i, labels in enumerate(maps[split]):
             Image.fromarray(labels, mode="L").save(folder / f"{i}.png")
     return maps
+
+
+@torch.no_grad()
+def spread_codes(model, mels: list[np.ndarray]) -> None:
+    """Make a briefly trained model use many codes, each by a clear margin: the latents are centred and scaled
+    (the encoder's last 1x1 conv) and the codebook is set to latents spread over the utterances."""
+    dim = model.quantizer.dim
+    latents = torch.cat([model.encoder(torch.from_numpy(m)[None])[0, :dim].T for m in mels])  # (positions, D)
+    out = model.encoder.out
+    out.bias[:dim] = 50 * (out.bias[:dim] - latents.mean(0))
+    out.weight[:dim] *= 50
+    latents = torch.cat([model.encoder(torch.from_numpy(m)[None])[0, :dim].T for m in mels])
+    pick = torch.linspace(0, len(latents) - 1, model.quantizer.codebook_size).round().long()
+    model.quantizer.codebook.copy_(latents[pick])

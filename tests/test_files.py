@@ -1,5 +1,5 @@
-"""Issue 15, items 1-4, 7, 9, 13: outputs are named by one rule, never collide or overwrite silently, respect the
-umask, and every command says where they went (summaries on stdout, notes/progress/errors on stderr)."""
+"""Outputs are named by one rule, never collide or overwrite silently, respect the umask, and every command says
+where they went (summaries on stdout, notes/progress/errors on stderr)."""
 import json
 import os
 import shutil
@@ -30,7 +30,7 @@ def store(tiny_model):
     return tiny_model.parent / "features"
 
 
-# ---------------------------------------------------------------- item 2: repeated names keep their folders
+# ---------------------------------------------------------------- repeated names keep their folders
 
 def test_repeated_file_names_keep_the_relative_folders(cli, tiny_model, tmp_path):
     a = _wav(tmp_path / "in/a/x.flac", seed=1, fmt="FLAC")
@@ -71,7 +71,7 @@ def test_existing_outputs_need_overwrite(cli, tiny_model, tmp_path):
     _one_line_error(cli("reconstruct", src, "-o", out / "speech.wav", "--model", tiny_model), "exists")
 
 
-# ---------------------------------------------------------------- item 4: -o x.wav with several inputs
+# ---------------------------------------------------------------- -o x.wav with several inputs
 
 def test_wav_output_with_several_inputs_is_refused(cli, tiny_model, tmp_path):
     a, b = _wav(tmp_path / "one.wav", seed=1), _wav(tmp_path / "two_in.wav", seed=2)
@@ -85,7 +85,7 @@ def test_wav_output_with_several_inputs_is_refused(cli, tiny_model, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "codes.npy").exists()
 
 
-# ---------------------------------------------------------------- item 1: compare never collapses runs
+# ---------------------------------------------------------------- compare never collapses runs
 
 def test_compare_names_runs_by_distinct_path_suffix(cli, tiny_model, store, tmp_path):
     runs = [tmp_path / "runs/a/x", tmp_path / "runs/b/x", tmp_path / "runs/y"]
@@ -104,7 +104,7 @@ def test_compare_names_runs_by_distinct_path_suffix(cli, tiny_model, store, tmp_
     _one_line_error(cli("compare", runs[0], runs[0], "--device", "cpu"), "twice")
 
 
-# ---------------------------------------------------------------- item 3: evaluate --list keeps the split result
+# ---------------------------------------------------------------- evaluate --list keeps the split result
 
 def test_evaluate_list_is_kept_apart_from_the_split_result(cli, tiny_model, store, tmp_path):
     run = tmp_path / "run"
@@ -130,7 +130,7 @@ def test_evaluate_list_is_kept_apart_from_the_split_result(cli, tiny_model, stor
     _one_line_error(cli("evaluate", run, "--data", store, "--list", other, "--device", "cpu"), "another list")
 
 
-# ---------------------------------------------------------------- item 7: the umask decides the mode
+# ---------------------------------------------------------------- the umask decides the mode
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_outputs_respect_the_umask(cli, tiny_model, tmp_path, umask):
@@ -153,7 +153,7 @@ def test_outputs_respect_the_umask(cli, tiny_model, tmp_path, umask):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 
-# ---------------------------------------------------------------- item 9: the speaker used is said
+# ---------------------------------------------------------------- the speaker used is said
 
 def test_fallback_speaker_is_announced(cli, tiny_model, tmp_path):
     src = _wav(tmp_path / "speech.wav")
@@ -169,7 +169,7 @@ def test_fallback_speaker_is_announced(cli, tiny_model, tmp_path):
     assert "--speaker" in cli("reconstruct", "--help").stdout
 
 
-# ---------------------------------------------------------------- item 13: streams
+# ---------------------------------------------------------------- streams
 
 def test_summaries_on_stdout_notes_and_errors_on_stderr(cli, tiny_model, tmp_path):
     folder = tmp_path / "in"

@@ -36,7 +36,8 @@ def _note_speakers(codec, fallbacks: list[Path]) -> None:
 
 
 def _audio_samples(codec, path: Path) -> int:
-    """The input's length at the model's rate from its header (0 when unreadable: the codec says why)."""
+    """The input's length at the model's rate from its header, for the progress bar (0 when unreadable: the codec
+    says why). This header read and the codec's two streaming passes are the only times an input is opened."""
     import soundfile as sf
 
     try:
@@ -82,13 +83,14 @@ def reconstruct(
     plots = targets(found, plot, ".png", "--plot") if plot is not None else []
     check_free(wavs + plots, overwrite)
     _note_inputs(found)
-    codec = Codec(model, vocoder, device)
+    codec = Codec.load(model, vocoder, device)
     table = Table("file", "speaker", "codes used", "bitrate (bit/s)", "mel-MSE (dB^2)", "output", title="reconstructed")
     fallbacks = []
     for i, path in enumerate(found.files):
-        row = _reconstruct_one(codec, path, speaker, wavs[i], plots[i] if plots else None, f"{i + 1}/{len(wavs)}")
-        table.add_row(str(found.relative[i]), *row[1:])
-        fallbacks += [path] if row[0] == "fallback" else []
+        rec = _reconstruct_one(codec, path, speaker, wavs[i], plots[i] if plots else None, f"{i + 1}/{len(wavs)}")
+        table.add_row(str(found.relative[i]), rec.encoded.speaker, f"{rec.codes_used}/{rec.latent_frames}",
+                      f"{rec.bitrate_bps:.0f}", f"{rec.mel_mse_db2:.2f}", str(wavs[i]))
+        fallbacks += [path] if rec.encoded.speaker_fallback else []
     _note_speakers(codec, fallbacks)
     Console().print(table)
     if plot is not None:
@@ -96,6 +98,7 @@ def reconstruct(
 
 
 def _reconstruct_one(codec, path: Path, speaker: Optional[str], target: Path, plot: Optional[Path], label: str):
+    """One input reconstructed into `target` (and its mel plot), under a progress bar when it is long."""
     from contextlib import nullcontext
 
     from sqaudio.plots import plot_mels
@@ -103,12 +106,11 @@ def _reconstruct_one(codec, path: Path, speaker: Optional[str], target: Path, pl
     console.print(f"reconstruct {label}: {escape(str(path))}", highlight=False)
     progress, step = _long_progress(codec, _audio_samples(codec, path), path.name)
     with progress or nullcontext():  # flat memory: the wav is written block by block (the mels only for --plot)
-        stats, enc, mel_hat = codec.reconstruct_to(path, target, speaker, step, keep_mels=plot is not None)
+        rec = codec.reconstruct_to(path, target, speaker, step, keep_mels=plot is not None)
     if plot is not None:
-        plot_mels(enc.mel, mel_hat[0].cpu().numpy(), plot, title=path.name, top_db=codec.features.top_db,
-                  frame_rate=codec.features.frame_rate)
-    return (enc.speaker_from, stats["speaker"], f"{stats['codes_used']}/{stats['latent_frames']}",
-            f"{stats['bitrate_bps']:.0f}", f"{stats['mel_mse_db2']:.2f}", str(target))
+        plot_mels(rec.encoded.mel, rec.mel_hat[0].cpu().numpy(), plot, title=path.name,
+                  top_db=codec.features.top_db, frame_rate=codec.features.frame_rate)
+    return rec
 
 
 @app.command()
@@ -125,19 +127,20 @@ def encode(
     """Audio -> discrete code indices per latent frame (50 per second)."""
     from rich.progress import track
 
-    from sqaudio.codec.codec import Codec, code_files, write_codes
+    from sqaudio.codec.codec import Codec
+    from sqaudio.codec.codes import code_files, write_codes
     from sqaudio.files import check_free, find_inputs, targets
 
     found = find_inputs(inputs)
     names = targets(found, output, ".npy", file_ok=False)
     check_free([f for name in names for f in code_files(name, fmt)], overwrite)
     _note_inputs(found)
-    codec = Codec(model, None, device)
+    codec = Codec.load(model, None, device)
     fallbacks = []
     for path, name in track(list(zip(found.files, names)), description="encode", console=console,
                             disable=len(names) == 1):
         enc = codec.encode(path, speaker)
-        fallbacks += [path] if enc.speaker_from == "fallback" else []
+        fallbacks += [path] if enc.speaker_fallback else []
         write_codes(name, codec, enc, fmt)
     _note_speakers(codec, fallbacks)
     say_wrote(f"codes of {len(names)} file(s) ({fmt})", output)
@@ -157,14 +160,15 @@ def decode(
     """Codes -> decoder -> vocoder -> wavs."""
     from contextlib import nullcontext
 
-    from sqaudio.codec.codec import Codec, read_codes
+    from sqaudio.codec.codec import Codec
+    from sqaudio.codec.codes import read_codes
     from sqaudio.files import check_free, find_inputs, targets
 
     found = find_inputs(codes, lambda p: p.suffix.lower() == ".npy", companions=(".json",), what="codes (.npy)")
     wavs = targets(found, output, ".wav")
     check_free(wavs, overwrite)
     _note_inputs(found)
-    codec = Codec(model, vocoder, device)
+    codec = Codec.load(model, vocoder, device)
     for i, (path, target) in enumerate(zip(found.files, wavs)):
         console.print(f"decode {i + 1}/{len(wavs)}: {escape(str(path))}", highlight=False)
         indices, header = read_codes(path)

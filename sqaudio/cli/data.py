@@ -40,10 +40,12 @@ def prepare(
     """Compute the paper's log-mel features of a corpus (parallel, resumable) into a feature store."""
     import signal
 
-    from sqaudio.data.prepare import parse_feature_options
+    from sqaudio.data.prepare import PrepareOptions
     from sqaudio.data.prepare import prepare as run_prepare
 
-    features = parse_feature_options(recipe, overrides)
+    features = _feature_options(recipe, overrides)
+    options = PrepareOptions(layout=corpus, mic=mic, test_fraction=test_fraction, seed=seed, split_files=split_files,
+                             workers=workers, shard=_parse_shard(shard), device=device, quiet=quiet)
     received = [signal.SIGINT]
 
     def terminate(signum, frame):  # SIGTERM stops like Ctrl-C (finished utterances kept), exit 128 + 15
@@ -52,13 +54,24 @@ def prepare(
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        run_prepare(corpus_dir, out_dir, corpus, mic, test_fraction, workers, features, split_files or None, seed,
-                    quiet, console, _parse_shard(shard), device)
+        run_prepare(corpus_dir, out_dir, features=features, options=options, console=console)
     except KeyboardInterrupt:
         console.print("interrupted: finished utterances are kept; run the same command again to continue")
         raise typer.Exit(128 + received[0]) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _feature_options(recipe: Optional[str], overrides: list[str]):
+    """FeatureConfig from a recipe's `features` section (or the defaults) with `key=value` overrides
+    (`n_mels=40` or `features.n_mels=40`)."""
+    from sqaudio.config import FeatureConfig, apply_overrides, from_dict, load_recipe, to_dict
+    from sqaudio.data.features import check_config
+
+    base = to_dict(load_recipe(recipe).features) if recipe else to_dict(FeatureConfig())
+    items = [item if item.startswith("features.") else f"features.{item}" for item in overrides]
+    data = apply_overrides({"features": base}, items)["features"]
+    return check_config(from_dict(FeatureConfig, data, "features"))
 
 
 def _parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:

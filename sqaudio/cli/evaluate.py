@@ -30,26 +30,46 @@ def evaluate(
 
     The result is also kept in the run directory as eval-<split>.json, or eval-list-<list name>.json with --list
     (what compare reads)."""
+    from sqaudio.distributed import pick_device
     from sqaudio.evaluation.metrics import evaluate as run_evaluation
-    from sqaudio.evaluation.metrics import print_table, result_path, save_result
+    from sqaudio.evaluation.metrics import print_table
+    from sqaudio.evaluation.runs import load_run, result_path, save_result
     from sqaudio.files import check_free
 
     check_free([p for p in (json_path, grid) if p is not None], overwrite)
     result_path(model if model.is_dir() else model.parent, split, eval_list)  # refuse a clash before evaluating
+    dev = pick_device(device)
+    run = load_run(model, dev)
+    inputs = _data(run, data, "audio metrics need" if audio else "speech evaluation needs")
+    listed = str(eval_list) if eval_list else None
     audio_result = {}
     if audio:
+        from sqaudio.codec.codec import Codec
+        from sqaudio.codec.vocoders import load_vocoder
         from sqaudio.evaluation.audio import evaluate_audio
 
-        audio_result = evaluate_audio(model, data, split, str(eval_list) if eval_list else None, vocoder, device)
-    result = run_evaluation(model, data, split, str(eval_list) if eval_list else None, device, str(grid) if grid else None)
+        codec = Codec(run.model, run.state, load_vocoder(vocoder, dev))
+        audio_result = evaluate_audio(codec, inputs, split, listed)
+    result = run_evaluation(run, inputs, split, listed, str(grid) if grid else None)
     result.update(audio_result)
     print_table({model.name: result}, f"evaluation ({f'list {eval_list.name}' if eval_list else split})")
-    run_dir = model if model.is_dir() else model.parent
-    say_wrote("result (kept with the run)", save_result(run_dir, result))
+    say_wrote("result (kept with the run)", save_result(run.run_dir, result))
     if json_path is not None:
         say_wrote("JSON", out_json(result, json_path))
     if grid is not None:
         say_wrote("image grid", grid)
+
+
+def _data(run, data: Optional[Path], needs: str):
+    """What `run` is evaluated on, opened once: the feature store (speech runs; a UserError says `needs` --data
+    without one) or the image dataset root as given (image runs)."""
+    if not run.speech:
+        return data
+    if data is None:
+        raise UserError(f"{needs} --data FEATURES_DIR (the output of `sqaudio prepare`)")
+    from sqaudio.data.store import open_store
+
+    return open_store(data)
 
 
 @app.command()
@@ -66,24 +86,27 @@ def compare(
     distinct end of each run's path (runs/a/x and runs/b/x -> a/x, b/x)."""
     import json
 
+    from sqaudio.distributed import pick_device
     from sqaudio.evaluation.metrics import evaluate as run_evaluation
-    from sqaudio.evaluation.metrics import print_table, result_path, run_names, save_result
+    from sqaudio.evaluation.metrics import print_table
+    from sqaudio.evaluation.runs import load_run, result_path, run_names, save_result
     from sqaudio.files import check_free
     from sqaudio.plots import compare_plot
 
     names = run_names(runs)
     check_free([p for p in (png, json_path) if p is not None], overwrite)
     rows = {}
-    for name, run in zip(names, runs):
-        saved = result_path(run, split)
+    for name, path in zip(names, runs):
+        saved = result_path(path, split)
         if data is not None:
-            rows[name] = run_evaluation(run, data, split, device=device, quiet=True)
-            save_result(run, rows[name])
+            run = load_run(path, pick_device(device), name)
+            rows[name] = run_evaluation(run, _data(run, data, "speech evaluation needs"), split, quiet=True)
+            save_result(path, rows[name])
         elif saved.is_file():
             rows[name] = json.loads(saved.read_text())
         else:
-            raise UserError(f"{run} has no {saved.name}: run `sqaudio evaluate {run} --data ...` or pass --data")
-        rows[name]["run"] = str(run)
+            raise UserError(f"{path} has no {saved.name}: run `sqaudio evaluate {path} --data ...` or pass --data")
+        rows[name]["run"] = str(path)
     print_table(rows, f"comparison ({split})")
     if png is not None:
         say_wrote("chart", compare_plot(rows, png))
@@ -103,7 +126,24 @@ def report(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """A static listening page (no server, works offline): metrics table, players, mels, codes, curves, settings."""
-    from sqaudio.evaluation.report import build_report
+    from sqaudio.distributed import pick_device
+    from sqaudio.evaluation.report import build_report, report_kind
+    from sqaudio.evaluation.runs import load_runs
 
-    index = build_report(runs, data, out, vocoder, utterances, split, device, quiet)
+    dev = pick_device(device)
+    loaded = load_runs(runs, dev)
+    speech = report_kind(loaded) == "speech"
+    store, voc = (_speech_inputs(data, vocoder, dev) if speech else (data, None))
+    index = build_report(loaded, out, store, voc, utterances, split, quiet)
     console.print(f"wrote the report: {index} (open it in a browser)")
+
+
+def _speech_inputs(data: Optional[Path], vocoder: str, device):
+    """The feature store and the vocoder of a speech report, each opened once for every run."""
+    from sqaudio.codec.vocoders import load_vocoder
+    from sqaudio.data.store import open_store
+
+    if data is None:
+        raise UserError("a report of speech runs needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
+    store = open_store(data)
+    return store, load_vocoder(vocoder, device, store.features)

@@ -12,6 +12,7 @@ from sqaudio.errors import UserError
 
 @app.command()
 def train(
+    command: typer.Context,
     recipe: str = typer.Argument(..., help="Recipe YAML path or shipped name, e.g. vctk/sqvae_gauss4 (see `sqaudio recipes`)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared features dir (speech) or image dataset root."),
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, config.yaml, TensorBoard, plots."),
@@ -30,27 +31,25 @@ def train(
     if cfg.data.kind == "speech" and data is None:
         raise UserError("speech training needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
     if devices > 1:
-        from sqaudio.distributed import launch
+        from sqaudio.distributed import relaunch
 
         if cfg.data.kind == "speech":
             from sqaudio.data.store import open_store
 
             open_store(data)  # a bad --data is reported once, here, before any process starts
-        args = ["train", recipe, "--out", str(out), "--device", device] + (["--data", str(data)] if data else [])
-        args += [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
-        raise typer.Exit(launch(devices, args))
+        raise typer.Exit(relaunch(command, devices))
     result = run_training(cfg, data, out, resume=resume, device=device, quiet=quiet, overrides=overrides)
-    if result["interrupted"]:
-        raise typer.Exit(128 + result["interrupted"])
+    if result.signal is not None:
+        raise typer.Exit(128 + result.signal)
+
 
 @app.command()
 def recipes() -> None:
     """List the shipped recipes (SQ-VAE recipes for `train`, then vocoder recipes for `vocoder train`)."""
-    from sqaudio.codec.vocoders import list_vocoder_recipes
-    from sqaudio.config import list_recipes
+    from sqaudio.config import VOCODER_DIR, list_recipes
 
     for name in list_recipes():
         typer.echo(name)
     typer.echo("# vocoder recipes (sqaudio vocoder train FEATURES --recipe NAME):")
-    for name in list_vocoder_recipes():
-        typer.echo(f"vocoder/{name}")
+    for name in list_recipes(VOCODER_DIR):
+        typer.echo(f"{VOCODER_DIR}/{name}")

@@ -16,6 +16,7 @@ app.add_typer(vocoder_app, name="vocoder")
 
 @vocoder_app.command("train")
 def vocoder_train(
+    command: typer.Context,
     features_dir: Path = typer.Argument(..., help="Prepared feature store (`sqaudio prepare` output)."),
     out: Path = typer.Option(..., "--out", help="Vocoder directory (checkpoints, config.yaml, logs/)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="hifigan (default), tiny, parallel_wavegan, melgan, "
@@ -27,18 +28,22 @@ def vocoder_train(
     devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP via torchrun); see docs/distributed.md."),
 ) -> None:
     """Train a GAN vocoder (HiFi-GAN by default) on the store's normalised log-mel -> 16 kHz waveform."""
+    from sqaudio.codec.vocoders import load_vocoder_config
+    from sqaudio.data.store import open_store
     from sqaudio.training.vocoder import train_vocoder
 
+    if resume and recipe is not None:
+        raise UserError("--recipe cannot be combined with --resume (the run's saved config is used; "
+                        "change settings such as train.steps with --set)")
+    store = open_store(features_dir)  # a bad store is reported once, here, before any process starts
+    config = None if resume else load_vocoder_config(recipe or "hifigan", overrides)
     if devices > 1:
-        from sqaudio.distributed import launch
+        from sqaudio.distributed import relaunch
 
-        args = ["vocoder", "train", str(features_dir), "--out", str(out), "--device", device]
-        args += (["--recipe", recipe] if recipe else []) + [a for o in overrides for a in ("--set", o)]
-        args += (["--resume"] if resume else []) + (["--quiet"] if quiet else [])
-        raise typer.Exit(launch(devices, args))
-    summary = train_vocoder(features_dir, out, recipe, overrides, resume, device, quiet)
-    if summary["interrupted"]:  # stopped by SIGINT/SIGTERM after saving a checkpoint
-        raise typer.Exit(128 + summary["interrupted"])
+        raise typer.Exit(relaunch(command, devices))
+    result = train_vocoder(store, out, config, overrides, resume, device, quiet)
+    if result.signal is not None:  # stopped by SIGINT/SIGTERM after saving a checkpoint
+        raise typer.Exit(128 + result.signal)
 
 
 @vocoder_app.command("info")

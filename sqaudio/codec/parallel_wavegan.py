@@ -192,8 +192,8 @@ class Pretrained:
 def load_pretrained(path: Path) -> Pretrained:
     """A parallel-wavegan model directory: config.yml + newest checkpoint-*.pkl (or the given one) + stats."""
     root = path if path.is_dir() else path.parent
-    ckpt = path if path.is_file() else find_checkpoint(root)
-    if ckpt is None:
+    checkpoint_path = path if path.is_file() else find_checkpoint(root)
+    if checkpoint_path is None:
         raise UserError(f"{root} has config.yml but no checkpoint-*.pkl")
     conf = read_config(root / "config.yml")
     stats = read_stats(root)
@@ -207,14 +207,15 @@ def load_pretrained(path: Path) -> Pretrained:
         raise UserError(f"{root}: generator_type {kind} is not supported (supported: {', '.join(GENERATORS)})")
     generator = Generator(kind, conf.get("generator_params") or {}, grid["n_mels"], grid["hop_length"],
                           pqmf_params(conf))
-    state = load_generator_state(ckpt)
+    state = load_generator_state(checkpoint_path)
     state = {k: v for k, v in state.items() if k not in ("mean", "scale")}  # stats buffers, if registered
     try:
         generator.net.load_state_dict(state)
     except RuntimeError as err:
-        raise UserError(f"{ckpt} does not match the generator in config.yml: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{checkpoint_path} does not match the generator in config.yml: "
+                        f"{str(err).splitlines()[0]}") from None
     generator.remove_weight_norm()
-    return Pretrained(root, ckpt, conf, generator.eval(), stats[0], stats[1], grid)
+    return Pretrained(root, checkpoint_path, conf, generator.eval(), stats[0], stats[1], grid)
 
 
 def feature_grid(conf: dict[str, Any], root: Path) -> dict[str, Any]:

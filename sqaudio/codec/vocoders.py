@@ -15,21 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torchaudio.functional as AF
-import yaml
 
 from sqaudio import checkpoint
-from sqaudio.config import RECIPES_DIR, FeatureConfig, apply_overrides, from_dict, load_recipe_dict, to_dict
+from sqaudio.codec.mel_conventions import MelConvention, convert_logmel, differences, mel_filterbank
+from sqaudio.config import VOCODER_DIR, FeatureConfig, from_dict, from_saved, load_config
 from sqaudio.distributed import pick_device
 from sqaudio.errors import UserError
 
 GRIFFIN_LIM = "griffin-lim"
 CHECKPOINT_FORMAT = "sqaudio-vocoder"
-VOCODER_RECIPES = RECIPES_DIR / "vocoder"
 
 
 # ------------------------------------------------------------------ config
@@ -108,6 +106,8 @@ class VocoderConfig:
         pqmf_params: PQMF arguments when the generator has out_channels > 1 (multi-band).
     """
 
+    RECIPES: ClassVar[str] = VOCODER_DIR  # shipped recipes: recipes/vocoder/*.yaml
+
     name: str = "custom"
     generator_type: str = "HiFiGANGenerator"
     generator_params: dict[str, Any] = field(default_factory=dict)
@@ -120,114 +120,37 @@ class VocoderConfig:
     train: VocoderTrainConfig = field(default_factory=VocoderTrainConfig)
 
 
-def list_vocoder_recipes() -> list[str]:
-    return sorted(p.stem for p in VOCODER_RECIPES.glob("*.yaml"))
+def load_vocoder_config(name_or_path: str | Path = "hifigan", overrides: list[str] | None = None) -> VocoderConfig:
+    """A shipped vocoder recipe (`hifigan`, `tiny`, ...) or a YAML path, with overrides (`config.load_config`)."""
+    return load_config(VocoderConfig, name_or_path, overrides)
 
 
-def load_vocoder_config(name_or_path: str | Path = "hifigan", overrides: list[str] | None = None,
-                        base: dict[str, Any] | None = None) -> VocoderConfig:
-    """A shipped recipe name (`hifigan`, `tiny`, ...) or a YAML path, or `base` (a saved config), + overrides."""
-    if base is None:
-        shipped = VOCODER_RECIPES / f"{str(name_or_path).removeprefix('vocoder/').removesuffix('.yaml')}.yaml"
-        path = Path(name_or_path) if Path(name_or_path).is_file() else shipped
-        if not path.is_file():
-            raise UserError(f"vocoder recipe '{name_or_path}' not found (shipped: {', '.join(list_vocoder_recipes())}"
-                            " or a YAML path)")
-        base = load_recipe_dict(path)
-    return from_dict(VocoderConfig, apply_overrides(base, overrides or []), "")
+OPTIMIZER_TYPES = ("Adam", "AdamW", "RAdam")
+SCHEDULES = ("constant", "multistep", "step", "exponential")
 
 
-# ------------------------------------------------------------------ conventions and conversion
+def validate_vocoder_config(cfg: VocoderConfig, features: FeatureConfig) -> None:
+    """Recipe checks that would otherwise fail deep inside a training step (UserError)."""
+    from sqaudio.codec.parallel_wavegan import min_discriminator_samples
 
-@dataclass(frozen=True)
-class MelConvention:
-    """What a vocoder's input mel means: the analysis grid plus the log/normalisation convention.
-
-    Args:
-        sample_rate, hop_length, n_fft, win_length, window, n_mels, fmin, fmax: the analysis grid.
-        scale: "db_normalised" (ours: 20 log10(mel) / top_db + 1, floored at max - top_db) or "log10_zscore".
-        preemphasis: the filter applied before the STFT (0 = none).
-        top_db, peak: ours only. mean/scale: per-band z-scoring of log10 mel (log10_zscore only).
-        layout: how the mel is laid out in the original tool (ours (mels, frames); parallel-wavegan (frames, mels)).
-    The STFT padding mode is not part of it: it only changes the first and last frames.
-    """
-
-    sample_rate: int
-    hop_length: int
-    n_fft: int
-    win_length: int
-    window: str
-    n_mels: int
-    fmin: float
-    fmax: float
-    scale: str = "db_normalised"
-    preemphasis: float = 0.0
-    top_db: float = 80.0
-    peak: float = 0.999
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-    layout: str = "(mels, frames)"
-
-    GRID = ("sample_rate", "hop_length", "n_fft", "win_length", "window", "n_mels", "fmin", "fmax")
-
-    @classmethod
-    def of(cls, cfg: FeatureConfig) -> "MelConvention":
-        return cls(cfg.sample_rate, cfg.hop_length, cfg.n_fft, cfg.win_length, "hann", cfg.n_mels,
-                   float(cfg.fmin), float(cfg.fmax if cfg.fmax is not None else cfg.sample_rate / 2),
-                   "db_normalised", cfg.preemphasis, cfg.top_db, cfg.peak)
-
-    def describe(self) -> dict[str, str]:
-        out = {k: f"{getattr(self, k):g}" if isinstance(getattr(self, k), float) else str(getattr(self, k))
-               for k in self.GRID}
-        out["log scale"] = (f"dB normalised (dB/{self.top_db:g} + 1)" if self.scale == "db_normalised"
-                            else "log10, z-scored with stats")
-        out["pre-emphasis"] = f"{self.preemphasis:g}" if self.preemphasis else "none"
-        out["peak normalisation"] = f"{self.peak:g}" if self.scale == "db_normalised" else "none"
-        out["layout"] = self.layout
-        return out
-
-
-def differences(have: MelConvention, want: MelConvention) -> tuple[list[str], list[str]]:
-    """(blocking, convertible) lists of 'setting: features X, vocoder Y' between two conventions."""
-    a, b = have.describe(), want.describe()
-    diff = [k for k in a if a[k] != b[k]]
-    line = "{}: features {} vs vocoder {}".format
-    return ([line(k, a[k], b[k]) for k in diff if k in MelConvention.GRID],
-            [line(k, a[k], b[k]) for k in diff if k not in MelConvention.GRID])
-
-
-def _fbank(conv: MelConvention) -> torch.Tensor:
-    return AF.melscale_fbanks(conv.n_fft // 2 + 1, conv.fmin, conv.fmax, conv.n_mels, conv.sample_rate,
-                              norm="slaney", mel_scale="slaney").T  # (mels, freqs)
-
-
-def preemphasis_gain_db(conv: MelConvention, coef: float) -> torch.Tensor:
-    """Per-band mean gain of the filter 1 - coef z^-1 in dB, (n_mels,): how it tilts a flat spectrum's mel."""
-    fb = _fbank(conv).double()
-    w = torch.linspace(0, torch.pi, fb.size(1), dtype=torch.float64)
-    gain = torch.sqrt((1 - coef * torch.cos(w)) ** 2 + (coef * torch.sin(w)) ** 2)
-    return (20 * torch.log10((fb @ gain) / fb.sum(1).clamp(min=1e-12))).float()
-
-
-def convert_logmel(x: torch.Tensor, src: MelConvention, dst: MelConvention) -> torch.Tensor:
-    """Re-express a mel (B, n_mels, frames) given in `src` in `dst` (same grid). Identity when equal."""
-    if src == dst:
-        return x
-    db = (x - 1.0) * src.top_db if src.scale == "db_normalised" else \
-        20.0 * (x * _col(src.std, x) + _col(src.mean, x))  # 20 log10(mel)
-    if src.preemphasis != dst.preemphasis:
-        tilt = preemphasis_gain_db(dst, dst.preemphasis) - preemphasis_gain_db(src, src.preemphasis)
-        db = db + tilt.to(db)[:, None]
-    if dst.scale == "log10_zscore":
-        return (db / 20.0 - _col(dst.mean, x)) / _col(dst.std, x)
-    if src.scale == "db_normalised":
-        db = db + 20.0 * np.log10(dst.peak / src.peak)
-    db = torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - dst.top_db)
-    return db / dst.top_db + 1.0
-
-
-def _col(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]  # (n_mels, 1)
+    loss, train = cfg.loss, cfg.train
+    if loss.adversarial_type not in ("mse", "hinge"):
+        raise UserError(f"loss.adversarial_type must be mse or hinge, got '{loss.adversarial_type}'")
+    if loss.subband_stft.weight > 0 and cfg.generator_params.get("out_channels", 1) == 1:
+        raise UserError("loss.subband_stft.weight > 0 needs a multi-band generator (generator_params.out_channels > 1)")
+    for name in ("steps", "batch_size", "batch_frames", "checkpoint_every", "log_every"):
+        if getattr(train, name) <= 0:
+            raise UserError(f"train.{name} must be positive, got {getattr(train, name)}")
+    need = max(min_discriminator_samples(cfg.discriminator_type, cfg.discriminator_params),
+               features.n_fft // 2 + 1, *(n // 2 + 1 for n in loss.stft.fft_sizes if loss.stft.weight > 0))
+    if train.batch_frames * features.hop_length < need:
+        raise UserError(f"train.batch_frames {train.batch_frames} is too short: crops need at least {need} samples "
+                        f"({-(-need // features.hop_length)} frames) for these losses/discriminator")
+    for optimizer in (cfg.generator_optimizer, cfg.discriminator_optimizer):
+        if optimizer.type not in OPTIMIZER_TYPES:
+            raise UserError(f"unknown optimizer '{optimizer.type}' (valid: {', '.join(OPTIMIZER_TYPES)})")
+        if optimizer.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule '{optimizer.schedule}' (valid: {', '.join(SCHEDULES)})")
 
 
 # ------------------------------------------------------------------ vocoders
@@ -306,7 +229,7 @@ class GriffinLimVocoder(Vocoder):
 
         (A non-negative least-squares refinement fits the mel better but did not lower the spectral
         convergence of the result, so the plain pseudo-inverse is used.)"""
-        fb = _fbank(MelConvention.of(self.features)).to(mel)  # (mels, freqs)
+        fb = mel_filterbank(MelConvention.of(self.features)).to(mel)  # (mels, freqs)
         return (torch.linalg.pinv(fb) @ mel).clamp(min=0)
 
     @torch.no_grad()
@@ -317,9 +240,11 @@ class GriffinLimVocoder(Vocoder):
         spec = self.mel_to_linear(mel)  # (B, freqs, frames)
         frames = logmel.size(-1)
         window = torch.hann_window(cfg.win_length, device=self.device)
+        length = (frames - 1) * cfg.hop_length
+        # torch's inverse STFT cannot trim below half a window: run a few frames' worth longer, then cut
         wav = AF.griffinlim(spec, window, cfg.n_fft, cfg.hop_length, cfg.win_length, power=1.0,
-                            n_iter=self.n_iter, momentum=self.momentum, length=(frames - 1) * cfg.hop_length,
-                            rand_init=False)
+                            n_iter=self.n_iter, momentum=self.momentum, length=max(length, cfg.n_fft // 2 + 1),
+                            rand_init=False)[..., :length]
         wav = torch.nn.functional.pad(wav, (0, cfg.hop_length))  # (B, frames * hop), like the neural vocoders
         if cfg.preemphasis:
             a = torch.tensor([1.0, -cfg.preemphasis], device=self.device)
@@ -384,7 +309,7 @@ def _load_own(path: Path, device: torch.device) -> NeuralVocoder:
     state = checkpoint.load(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a vocoder checkpoint (train one with `sqaudio vocoder train`)")
-    cfg = load_vocoder_config(base=state["config"])
+    cfg = from_saved(VocoderConfig, state["config"])
     features = from_dict(FeatureConfig, state["features"], "features")
     generator = build_generator(cfg, features)
     generator.load_state_dict(state["generator"])
@@ -416,11 +341,6 @@ def build_generator(cfg: VocoderConfig, features: FeatureConfig) -> torch.nn.Mod
     from sqaudio.codec.parallel_wavegan import Generator
     return Generator(cfg.generator_type, cfg.generator_params, features.n_mels, features.hop_length,
                      cfg.pqmf_params)
-
-
-def config_yaml(cfg: VocoderConfig, features: FeatureConfig) -> str:
-    """The resolved recipe plus the feature config, as saved in a vocoder dir (config.yaml)."""
-    return yaml.safe_dump({**to_dict(cfg), "features": to_dict(features)}, sort_keys=False)
 
 
 def _load_pwg_dir(path: Path, device: torch.device) -> NeuralVocoder:

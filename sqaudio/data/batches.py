@@ -5,7 +5,8 @@ permutations (crop mode, images) or of shuffled length buckets (whole-utterance 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -13,8 +14,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from sqaudio.config import DataConfig
-from sqaudio.data.store import Store
 from sqaudio.errors import UserError
+
+
+class FeatureSource(Protocol):
+    """What batches read of a feature store (`sqaudio.data.store.Store`): its folder and its manifest entries.
+    Named here, not imported, so that loading batches does not load the store's reader and writer."""
+
+    root: Path
+
+    def split(self, name: str) -> list[dict[str, Any]]: ...
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
@@ -34,7 +43,7 @@ class SpeechItems:
         speakers: speaker table (index = embedding row).
     """
 
-    def __init__(self, store: Store, entries: list[dict[str, Any]], speakers: list[str]):
+    def __init__(self, store: FeatureSource, entries: list[dict[str, Any]], speakers: list[str]):
         self.store, self.entries = store, entries
         self.index = {s: i for i, s in enumerate(speakers)}
 
@@ -59,18 +68,18 @@ class SpeechItems:
 
 def collate_speech(items: list[dict[str, Tensor]], with_lengths: bool) -> dict[str, Tensor]:
     """Pad mels to the longest (zeros); lengths are included for whole-utterance batches."""
-    lengths = torch.tensor([it["mel"].shape[-1] for it in items])
+    lengths = torch.tensor([item["mel"].shape[-1] for item in items])
     mel = torch.zeros(len(items), items[0]["mel"].shape[0], int(lengths.max()))
-    for row, it in zip(mel, items):
-        row[:, : it["mel"].shape[-1]] = it["mel"]
-    batch = {"mel": mel, "speaker": torch.stack([it["speaker"] for it in items])}
+    for row, item in zip(mel, items):
+        row[:, : item["mel"].shape[-1]] = item["mel"]
+    batch = {"mel": mel, "speaker": torch.stack([item["speaker"] for item in items])}
     if with_lengths:
         batch["lengths"] = lengths
     return batch
 
 
 def collate_images(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
 class StepBatches(Dataset):
@@ -143,7 +152,7 @@ def length_buckets(lengths: list[int], max_items: int, max_frames: int) -> list[
     return buckets
 
 
-def speech_batches(store: Store, cfg: DataConfig, speakers: list[str], seed: int,
+def speech_batches(store: FeatureSource, cfg: DataConfig, speakers: list[str], seed: int,
                    rank: int = 0, world: int = 1) -> StepBatches:
     """Training batches of speech: paper crops (`crop`) or whole utterances in length buckets (`utterance`)."""
     train = store.split("train")
@@ -178,13 +187,13 @@ def image_batches(dataset, cfg: DataConfig, seed: int, rank: int = 0, world: int
     return StepBatches(len(dataset), cfg.batch_size, seed, fetch, rank=rank, world=world)
 
 
-def eval_speech_batches(store: Store, entries: list[dict[str, Any]], speakers: list[str], batch_size: int,
+def eval_speech_batches(store: FeatureSource, entries: list[dict[str, Any]], speakers: list[str], batch_size: int,
                         max_frames: int = 4000):
     """Whole utterances (frame count trimmed to even), in length buckets with lengths for masking."""
     items = SpeechItems(store, entries, speakers)
     lengths = [e["frames"] - e["frames"] % 2 for e in entries]
     for bucket in length_buckets(lengths, batch_size, max_frames):
         batch = [items.item(i) for i in bucket]
-        for it, i in zip(batch, bucket):
-            it["mel"] = it["mel"][:, : lengths[i]]
+        for item, i in zip(batch, bucket):
+            item["mel"] = item["mel"][:, : lengths[i]]
         yield [entries[i] for i in bucket], collate_speech(batch, with_lengths=True)

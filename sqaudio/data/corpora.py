@@ -7,7 +7,7 @@ Layouts (see docs/data.md):
                   speaker = file-name prefix before the first `_`
   folder          `<root>/<speaker>/**/*.<audio>`
 
-Audio is what `sqaudio.formats` accepts (one rule for every command); unsupported audio formats are skipped
+Audio is what `sqaudio.files` accepts (one rule for every command); unsupported audio formats are skipped
 with a reason, other files (text, hidden) are counted in `Listing.ignored`.
   split files     the reference's JSON `[[in_path, offset_s, duration_s, out_path], ...]` (or the same rows as CSV)
                   and evaluation lists `[[path_without_ext, speaker], ...]`
@@ -281,9 +281,11 @@ def _find_audio(corpus_root: Path, rel: str) -> Path | None:
 
 def _split_entry(row: list, path: Path, corpus_root: Path, where: str) -> Utterance | dict[str, str]:
     in_path, offset, duration, out_path = row
-    ok_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0  # noqa: E731
-    if not (isinstance(in_path, str) and isinstance(out_path, str) and ok_num(offset)
-            and (duration is None or ok_num(duration)) and Path(out_path).parent.name):
+    def seconds(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+    if not (isinstance(in_path, str) and isinstance(out_path, str) and seconds(offset)
+            and (duration is None or seconds(duration)) and Path(out_path).parent.name):
         raise UserError(f"{where}: expected [in_path, offset_s, duration_s, '<...>/<speaker>/<id>'], got {row!r}")
     audio = _find_audio(corpus_root, in_path)
     if audio is None:

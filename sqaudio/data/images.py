@@ -134,10 +134,10 @@ def _open_mnist_like(cls: type, val_fraction: float) -> Callable[[Path, str, boo
 
 
 def _open_celeba(root: Path, split: str, download: bool) -> Dataset:
-    tf = transforms.Compose([transforms.CenterCrop(CELEBA_CROP), transforms.Resize((CELEBA_SIZE, CELEBA_SIZE)),
+    transform = transforms.Compose([transforms.CenterCrop(CELEBA_CROP), transforms.Resize((CELEBA_SIZE, CELEBA_SIZE)),
                              transforms.ToTensor()])
     parts = {"train": ["train"], "val": ["valid"], "test": ["test"], "trainval": ["train", "valid"]}[split]
-    sets = [Items(_CelebA(str(root), split=p, target_type=[], transform=tf, download=download)) for p in parts]
+    sets = [Items(_CelebA(str(root), split=p, target_type=[], transform=transform, download=download)) for p in parts]
     return sets[0] if len(sets) == 1 else ConcatDataset(sets)
 
 

@@ -1,4 +1,4 @@
-"""The prepared-feature store (the contract between `prepare` and everything after it).
+"""The prepared-feature store, read and written here only (the contract between `prepare` and everything after it).
 
 OUT_DIR/
   manifest.jsonl       one JSON object per utterance: id (unique), speaker, split (train|test), source (absolute audio
@@ -17,24 +17,37 @@ rename, never written in place (see docs/data.md).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from sqaudio.config import FeatureConfig, from_dict, to_dict
+from sqaudio.data.audio import AudioError, load_audio
 from sqaudio.errors import UserError
+from sqaudio.files import atomic_write, is_audio
 
 MANIFEST = "manifest.jsonl"
 FEATURE_CONFIG = "feature_config.json"
 SPEAKERS = "speakers.json"
 SKIPPED = "skipped.jsonl"
+JOURNAL = ".prepare-journal.jsonl"  # finished entries of an unfinished run (removed when the manifest is written)
+FEATURES = "features"
 
 
 @dataclass
 class Store:
-    """A prepared feature directory, read-only view."""
+    """A prepared feature directory, read-only view.
+
+    Args:
+        root: the store folder.
+        entries: the manifest entries, in manifest order.
+        features: the feature settings the store was prepared with.
+        speakers: the speaker table (index = speaker embedding row).
+    """
 
     root: Path
     entries: list[dict[str, Any]]
@@ -51,8 +64,6 @@ class Store:
     def source_audio(self, entry: dict[str, Any]) -> np.ndarray:
         """The waveform the entry's features were computed from, read as `prepare` read it (its segment, down-mixed,
         resampled to the store's rate): float32 (samples,). A UserError names the entry when it is gone or bad."""
-        from sqaudio.data.features import AudioError, load_audio
-
         source = Path(entry["source"])
         if not source.is_absolute() and not source.exists():
             source = self.root / source
@@ -65,15 +76,16 @@ class Store:
             raise UserError(f"source audio {source} of '{entry['id']}': {err}") from None
 
 
+# ----------------------------------------------------------------------------------------------- reading
+
 def open_store(root: str | Path) -> Store:
-    """The prepared feature store at `root`; a UserError says how to make one (a corpus given instead gets a
-    hint that names a separate output folder, never the corpus itself)."""
+    """The prepared feature store at `root`; a UserError says how to make one (a folder of audio given instead gets
+    a hint that names a separate output folder, never the corpus itself)."""
     root = Path(root)
     manifest = root / MANIFEST
     if not manifest.is_file():
-        layout = _corpus_layout(root)
-        if layout:
-            raise UserError(f"{root} is a {layout} corpus, not prepared features: run `sqaudio prepare {root} "
+        if _holds_audio(root):
+            raise UserError(f"{root} holds audio, not prepared features: run `sqaudio prepare {root} "
                             f"FEATURES_DIR` (a new folder outside the corpus), then pass FEATURES_DIR")
         raise UserError(f"{root} has no {MANIFEST}: run `sqaudio prepare CORPUS {root}` first")
     entries = read_jsonl(manifest)
@@ -82,21 +94,153 @@ def open_store(root: str | Path) -> Store:
     return Store(root, entries, features, speakers)
 
 
-def _corpus_layout(root: Path) -> str | None:
-    """The corpus layout recognised in `root` (vctk, zerospeech2019, folder), else None."""
-    if not root.is_dir():
-        return None
-    from sqaudio.data.corpora import detect_layout
-
-    try:
-        return detect_layout(root)[0]
-    except UserError:
-        return None
+def _holds_audio(root: Path) -> bool:
+    """Whether an audio file lies anywhere below `root` (a corpus rather than a store)."""
+    return root.is_dir() and any(is_audio(path) and path.is_file() for path in root.rglob("*"))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def feature_config_json(cfg: FeatureConfig) -> str:
-    return json.dumps(to_dict(cfg), indent=2)
+def saved_feature_config(root: Path) -> FeatureConfig | None:
+    """The feature settings a store (finished or not) was prepared with; None for a new store."""
+    path = root / FEATURE_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        return from_dict(FeatureConfig, json.loads(path.read_text()), "features")
+    except (ValueError, UserError):
+        raise UserError(f"{path} is unreadable: delete {root} or choose another OUT_DIR") from None
+
+
+def previous_entries(root: Path) -> dict[str, dict[str, Any]]:
+    """Entries an earlier run left (its manifest, then its journal), by id; torn and junk lines are ignored."""
+    rows = _read_jsonl_tolerant(root / MANIFEST) + _read_jsonl_tolerant(root / JOURNAL)
+    return {str(row["id"]): row for row in rows if "id" in row}
+
+
+def _read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
+    """JSON lines of a file; a torn last line (a killed writer) and junk lines are ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def has_feature(root: Path, entry: dict[str, Any], n_mels: int) -> bool:
+    """Whether the entry's feature file holds a (n_mels, frames) float32 array."""
+    try:
+        array = np.load(root / entry["features"], mmap_mode="r")
+        return array.dtype == np.float32 and array.shape == (n_mels, int(entry["frames"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def feature_path(split: str, speaker: str, utterance_id: str) -> str:
+    """Store-relative path of an utterance's feature file."""
+    return f"{FEATURES}/{split}/{speaker}/{utterance_id}.npy"
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()  # atomic_write's temporary files are 0600; store files get the usual umask mode
+
+
+def write_feature(root: Path, relative: str, mel: np.ndarray) -> None:
+    """Atomically write a feature file as float32 .npy."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save on a path would append ".npy" to the temporary name
+            np.save(f, np.ascontiguousarray(mel, dtype=np.float32))
+        os.chmod(tmp, FILE_MODE)
+    atomic_write(root / relative, write)
+
+
+def link_feature(source: Store, entry: dict[str, Any], root: Path) -> None:
+    """Put the entry's feature file of `source` into the store at `root`: a hard link, or a copy across devices."""
+    target = root / entry["features"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        return
+    try:
+        os.link(source.root / entry["features"], target)
+    except OSError:
+        atomic_write(target, lambda tmp: shutil.copyfile(source.root / entry["features"], tmp))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically replace a text file of the store."""
+    def write(tmp: Path) -> None:
+        tmp.write_text(text)
+        os.chmod(tmp, FILE_MODE)
+    atomic_write(path, write)
+
+
+def feature_config_json(features: FeatureConfig) -> str:
+    """The text of feature_config.json."""
+    return json.dumps(to_dict(features), indent=2)
+
+
+def write_feature_config(root: Path, features: FeatureConfig) -> None:
+    """Record the feature settings (first, so that an unfinished store knows them)."""
+    _write_text(root / FEATURE_CONFIG, feature_config_json(features))
+
+
+class Journal:
+    """The finished entries of a running `prepare`, one JSON line each, flushed as they come (a killed run resumes
+    from them). Use as a context manager."""
+
+    def __init__(self, root: Path):
+        self.path = root / JOURNAL
+
+    def __enter__(self) -> Journal:
+        self._file = self.path.open("a")
+        return self
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+def write_store(root: Path, entries: Iterable[dict[str, Any]], skipped: list[dict[str, Any]],
+                features: FeatureConfig) -> Store:
+    """Write skipped list, speakers and (last) the manifest, each atomically, and drop the journal. The speaker
+    table holds the speakers with a training utterance. Returns the finished store."""
+    rows = sorted(entries, key=lambda e: (e["split"], e["speaker"], e["id"]))
+    speakers = sorted({e["speaker"] for e in rows if e["split"] == "train"})
+    _write_text(root / SKIPPED, "".join(json.dumps(s) + "\n" for s in skipped))
+    _write_text(root / SPEAKERS, json.dumps(speakers, indent=1) + "\n")
+    _write_text(root / MANIFEST, "".join(json.dumps(e) + "\n" for e in rows))
+    (root / JOURNAL).unlink(missing_ok=True)
+    return Store(root, rows, features, speakers)
+
+
+def remove_orphans(store: Store) -> int:
+    """Delete feature files no manifest entry names (e.g. after the split settings changed) and stale temporaries;
+    returns how many."""
+    keep = {e["features"] for e in store.entries}
+    removed = 0
+    features = store.root / FEATURES
+    for path in features.rglob("*") if features.is_dir() else []:
+        relative = path.relative_to(store.root).as_posix()
+        stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
+        if path.is_file() and (stale_tmp or (path.suffix == ".npy" and relative not in keep)):
+            path.unlink()
+            removed += 1
+    return removed

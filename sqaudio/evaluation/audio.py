@@ -21,9 +21,10 @@ import torch
 
 from sqaudio.config import FeatureConfig
 from sqaudio.errors import UserError
+from sqaudio.evaluation.entries import speech_entries
 
 if TYPE_CHECKING:
-    from sqaudio.codec.vocoders import Vocoder
+    from sqaudio.data.store import Store
 
 PESQ_RATE = 16000  # wideband PESQ is defined at 16 kHz
 EPS = 1e-12
@@ -53,7 +54,7 @@ def pesq_wb(reference: np.ndarray, estimate: np.ndarray, rate: int) -> float | N
 
     ref, est = _pair(reference, estimate)
     if rate != PESQ_RATE:
-        from sqaudio.data.features import resample
+        from sqaudio.data.audio import resample
 
         ref, est = (resample(torch.from_numpy(x), rate, PESQ_RATE).numpy() for x in (ref, est))
     score = pesq(PESQ_RATE, ref.astype(np.float32), est.astype(np.float32), "wb", on_error=PesqError.RETURN_VALUES)
@@ -122,8 +123,9 @@ def check_sources(entries: list[dict[str, Any]]) -> list[Path]:
 
 
 @torch.no_grad()
-def resynthesize(codec, store, entry: dict[str, Any]) -> Resynthesis:
-    """Encode an utterance's prepared features, decode them with its speaker, vocode to its source's length."""
+def resynthesize(codec, store: Store, entry: dict[str, Any]) -> Resynthesis:
+    """Encode an utterance's prepared features, decode them with its speaker, vocode to its source's length
+    (`codec`: a `sqaudio.codec.codec.Codec` with a vocoder)."""
     wav = store.source_audio(entry)
     if len(wav) // codec.features.hop_length + 1 != entry["frames"]:
         raise UserError(f"{entry['source']} no longer matches its prepared features in {store.root} (run prepare again)")
@@ -135,33 +137,24 @@ def resynthesize(codec, store, entry: dict[str, Any]) -> Resynthesis:
     return Resynthesis(wav, codec.synthesize(mel_hat, len(wav)), mel, mel_hat[0].float().cpu().numpy(), codes)
 
 
-def evaluate_audio(model: str | Path, data: str | Path, split: str = "test", eval_list: str | None = None,
-                   vocoder: str | Vocoder = "griffin-lim", device: str | None = None, quiet: bool = False,
-                   on_utterance: Callable[[dict, Resynthesis, dict], None] | None = None) -> dict[str, Any]:
-    """Resynthesize every evaluated utterance of a speech run and average the audio metrics (METRIC_KEYS) against
-    the original waveforms. `vocoder`: a name/path or a loaded `Vocoder` (the report loads one for all its runs).
-    `on_utterance(entry, resynthesis, metrics)` sees each one (the report uses it)."""
+def evaluate_audio(codec, store: Store, split: str = "test", eval_list: str | None = None,
+                   quiet: bool = False, on_utterance: Callable[[dict, Resynthesis, dict], None] | None = None
+                   ) -> dict[str, Any]:
+    """Resynthesize every evaluated utterance of `store` through `codec` (a `Codec`: model and vocoder) and average the
+    audio metrics (METRIC_KEYS) against the original waveforms. `on_utterance(entry, resynthesis, metrics)` sees
+    each one (the report keeps some of them)."""
     from rich.console import Console
     from rich.progress import Progress
 
-    from sqaudio.codec.codec import Codec
-    from sqaudio.data.store import open_store
-    from sqaudio.evaluation.metrics import speech_entries
-
-    if data is None:
-        raise UserError("audio metrics need --data FEATURES_DIR (the output of `sqaudio prepare`)")
-    codec = Codec(model, vocoder, device)
-    label = vocoder if isinstance(vocoder, str) else codec.vocoder.name
-    store = open_store(data)
     entries, _ = speech_entries(store, codec.features, codec.speakers, split, eval_list)
     check_sources(entries)
     rows = []
     with Progress(console=Console(stderr=True), disable=quiet) as progress:
-        task = progress.add_task(f"audio metrics ({label})", total=len(entries))
+        task = progress.add_task(f"audio metrics ({codec.vocoder.name})", total=len(entries))
         for entry in entries:
             res = resynthesize(codec, store, entry)
             rows.append(audio_metrics(res.wav, res.wav_hat, codec.features))
             if on_utterance is not None:
                 on_utterance(entry, res, rows[-1])
             progress.advance(task)
-    return {**mean_metrics(rows), "audio_utterances": len(rows), "vocoder": label}
+    return {**mean_metrics(rows), "audio_utterances": len(rows), "vocoder": codec.vocoder.name}

@@ -1,24 +1,22 @@
 """Metrics: mel-MSE in dB^2 (paper Table 3), image MSE (Table 2), code usage, perplexity and bitrate."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from sqaudio import checkpoint
-from sqaudio.config import feature_mismatch
 from sqaudio.data.batches import collate_images, eval_speech_batches
 from sqaudio.data.features import mel_mse_db2
-from sqaudio.data.store import open_store
-from sqaudio.distributed import pick_device
 from sqaudio.errors import UserError
-from sqaudio.models.sqvae import load_model
+from sqaudio.evaluation.entries import speech_entries
+
+if TYPE_CHECKING:
+    from sqaudio.data.store import Store
 
 console = Console(stderr=True)
 
@@ -40,49 +38,12 @@ class CodeUsage:
                 "code_entropy_bits": entropy / math.log(2), "positions": int(self.counts.sum())}
 
 
-def read_eval_list(path: str | Path) -> list[tuple[str, str]]:
-    """Evaluation list of the reference code: [[path_without_ext, speaker], ...]."""
-    try:
-        items = json.loads(Path(path).read_text())
-        return [(str(p), str(s)) for p, s in items]
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"cannot read evaluation list {path}: expected [[path, speaker], ...] ({err})") from None
-
-
-def select_entries(entries: list[dict], eval_list: list[tuple[str, str]]) -> list[dict]:
-    """Manifest entries whose source (without extension) ends with a listed path."""
-    by_stem = {str(Path(e["source"]).with_suffix("")).replace("\\", "/"): e for e in entries}
-    chosen = []
-    for path, _speaker in eval_list:
-        match = [e for stem, e in by_stem.items() if stem.endswith(path.strip("/"))]
-        if not match:
-            raise UserError(f"evaluation list entry '{path}' is not in the prepared data")
-        chosen.append(match[0])
-    return chosen
-
-
-def speech_entries(store, features, speakers: list[str], split: str = "test",
-                   eval_list: str | None = None) -> tuple[list[dict], list[str]]:
-    """The utterances a model is evaluated on (split or list, known speakers, >= 8 frames) and the unknown
-    speakers left out; a UserError when the model's features differ from the store's or nothing is left."""
-    diff = feature_mismatch(features, store.features)
-    if diff:
-        raise UserError(f"model features do not match the prepared data in {store.root}: {'; '.join(diff)}")
-    entries = select_entries(store.entries, read_eval_list(eval_list)) if eval_list else store.split(split)
-    known = set(speakers)
-    unknown = sorted({e["speaker"] for e in entries} - known)
-    entries = [e for e in entries if e["speaker"] in known and e["frames"] >= 8]
-    if not entries:
-        raise UserError(f"no utterances to evaluate in split '{split}' of {store.root} with a speaker the model knows")
-    return entries, unknown
-
-
 @torch.no_grad()
-def evaluate_speech(model, state: dict, data: str | Path, split: str = "test", eval_list: str | None = None,
-                    device: torch.device | str = "cpu", batch_size: int = 16, quiet: bool = False) -> dict[str, Any]:
-    store = open_store(data)
+def evaluate_speech(model, speakers: list[str], store: Store, split: str = "test", eval_list: str | None = None,
+                    batch_size: int = 16, quiet: bool = False) -> dict[str, Any]:
+    """Mel-MSE in dB^2 of a speech model over a split (or list) of `store`, with code usage and bitrate."""
+    device = _device(model)
     features = model.recipe.features
-    speakers = state["speakers"]
     entries, unknown = speech_entries(store, features, speakers, split, eval_list)
     usage = CodeUsage(model.recipe.quantizer.codebook_size)
     sse, frames = 0.0, 0
@@ -105,10 +66,12 @@ def evaluate_speech(model, state: dict, data: str | Path, split: str = "test", e
 
 
 @torch.no_grad()
-def evaluate_images(model, data: str | Path, device="cpu", batch_size: int = 100, grid: str | None = None,
+def evaluate_images(model, data: str | Path | None, batch_size: int = 100, grid: str | None = None,
                     quiet: bool = False) -> dict[str, Any]:
+    """MSE (or, for class maps, accuracy and mean IoU) of an image model over its test set, with code usage."""
     from sqaudio.data.images import build_image_datasets
 
+    device = _device(model)
     recipe = model.recipe
     _, test_set = build_image_datasets(recipe.data, data or recipe.data.root)
     usage = CodeUsage(recipe.quantizer.codebook_size)
@@ -150,57 +113,26 @@ def evaluate_images(model, data: str | Path, device="cpu", batch_size: int = 100
     return {**result, **usage.summary(), "images": n}
 
 
-def evaluate(model_path: str | Path, data: str | Path | None, split: str = "test", eval_list: str | None = None,
-             device: str | None = None, grid: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Evaluate a checkpoint (or a run dir's newest) on prepared speech or an image test set."""
-    dev = pick_device(device)
-    model, state = load_model(model_path, dev)
-    if model.recipe.data.kind == "speech":
+def evaluate(run, data: Store | str | Path | None, split: str = "test", eval_list: str | None = None,
+             grid: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Evaluate a loaded run (`sqaudio.evaluation.runs.TrainedRun`) on a feature store (speech) or an image dataset root
+    (images; None: the recipe's)."""
+    model = run.model
+    if run.speech:
         if data is None:
             raise UserError("speech evaluation needs --data FEATURES_DIR")
-        result = evaluate_speech(model, state, data, split, eval_list, dev, quiet=quiet)
+        result = evaluate_speech(model, run.speakers, data, split, eval_list, quiet=quiet)
     else:
-        result = evaluate_images(model, data, dev, grid=grid, quiet=quiet)
-    result.update({"checkpoint": str(checkpoint.latest(Path(model_path))), "step": state["step"],
+        result = evaluate_images(model, data, grid=grid, quiet=quiet)
+    result.update({"checkpoint": str(run.checkpoint), "step": run.state["step"],
                    "recipe": model.recipe.name, "quantizer": model.recipe.quantizer.kind,
                    "variant": model.recipe.quantizer.variant, "split": split,
                    "list": str(Path(eval_list).absolute()) if eval_list else None})
     return result
 
 
-def result_path(run_dir: Path, split: str, eval_list: str | Path | None = None) -> Path:
-    """Where a run keeps the result of what was evaluated: eval-<split>.json or eval-list-<list stem>.json
-    (a UserError when that file holds the result of another list with the same name)."""
-    if not eval_list:
-        return Path(run_dir) / f"eval-{split}.json"
-    path = Path(run_dir) / f"eval-list-{Path(eval_list).stem}.json"
-    old = json.loads(path.read_text()).get("list") if path.is_file() else None
-    if old and old != str(Path(eval_list).absolute()):
-        raise UserError(f"{path} holds the result of another list ({old}); rename {Path(eval_list).name}")
-    return path
-
-
-def save_result(run_dir: Path, result: dict[str, Any]) -> Path:
-    """Keep `result` in the run dir under its `result_path`, replacing an older result of the same evaluation."""
-    path = result_path(run_dir, result.get("split", "test"), result.get("list"))
-    path.write_text(json.dumps(result, indent=2))
-    return path
-
-
-def run_names(paths: list[Path]) -> list[str]:
-    """Shortest distinct path suffix of each run (runs/a/x, runs/b/x -> a/x, b/x); the same run twice is an error."""
-    parts = [Path(p).absolute().parts for p in paths]
-    if len(set(parts)) < len(parts):
-        twice = next(p for p in paths if parts.count(Path(p).absolute().parts) > 1)
-        raise UserError(f"run {twice} is given twice")
-    names = []
-    for i, mine in enumerate(parts):
-        others = parts[:i] + parts[i + 1:]
-        k = 1
-        while k < len(mine) and any(other[-k:] == mine[-k:] for other in others):
-            k += 1
-        names.append("/".join(mine[-k:]))
-    return names
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def print_table(rows: dict[str, dict[str, Any]], title: str) -> Table:

@@ -17,13 +17,23 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from sqaudio import checkpoint
+from sqaudio.codec.codec import Codec
+from sqaudio.codec.waveform import write_wav
 from sqaudio.errors import UserError
+from sqaudio.evaluation.audio import Resynthesis, check_sources, evaluate_audio
+from sqaudio.evaluation.entries import speech_entries
+from sqaudio.evaluation.metrics import CodeUsage, evaluate
+from sqaudio.plots import plot_mels
+
+if TYPE_CHECKING:
+    from sqaudio.codec.vocoders import Vocoder
+    from sqaudio.data.store import Store
+    from sqaudio.evaluation.runs import TrainedRun
 
 # Paper Table 3 (mel-MSE in dB², mean ± std over runs): (quantizer kind, Gaussian variant) -> {corpus: value}.
 PAPER_TABLE3 = {("vq_ema", None): {"vctk": "29.59 ± 0.25", "zerospeech2019": "34.33 ± 1.57"},
@@ -87,92 +97,98 @@ def choose_utterances(entries: list[dict[str, Any]], n: int) -> list[dict[str, A
     return chosen
 
 
-def build_report(runs: list[Path], data: Path | None, out: Path, vocoder: str = "griffin-lim", utterances: int = 4,
-                 split: str = "test", device: str | None = None, quiet: bool = False) -> Path:
-    """Evaluate every run, write the page and its assets into `out`; returns the path of index.html."""
-    from sqaudio.evaluation.metrics import run_names
+def report_kind(runs: list[TrainedRun]) -> str:
+    """"speech" or "images": what all `runs` are (a UserError when they mix the two)."""
+    kinds = {run.speech for run in runs}
+    if len(kinds) > 1:
+        raise UserError("report compares runs of one kind: all speech or all images, not both")
+    return "speech" if kinds == {True} else "images"
 
+
+def build_report(runs: list[TrainedRun], out: Path, data: Store | Path | None, vocoder: Vocoder | None = None,
+                 utterances: int = 4, split: str = "test", quiet: bool = False) -> Path:
+    """Evaluate every loaded run, write the page and its assets into `out`; returns the path of index.html.
+
+    Args:
+        data: speech runs: the feature store (with `vocoder`, loaded once for every run); image runs: the dataset
+            root (None: each recipe's).
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     if utterances < 1:
         raise UserError("--utterances must be at least 1")
-    states = [checkpoint.load(checkpoint.latest(run)) for run in runs]
-    pages = [RunPage(name, run, state["recipe"], speakers=state["speakers"]) for name, run, state in
-             zip(run_names(runs), runs, states)]
-    kinds = {p.recipe["data"]["kind"] == "speech" for p in pages}
-    if len(kinds) > 1:
-        raise UserError("report compares runs of one kind: all speech or all images, not both")
-    if kinds == {True}:
+    pages = [RunPage(run.name, run.path, run.state["recipe"], speakers=run.speakers) for run in runs]
+    speech = report_kind(runs) == "speech"
+    if speech:
         if data is None:
             raise UserError("a report of speech runs needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
-        body = _speech(pages, data, out, vocoder, utterances, split, device, quiet)
+        body = _speech(pages, runs, data, out, vocoder, utterances, split, quiet)
     else:
-        body = _images(pages, data, out, device, quiet)
+        body = _images(pages, runs, data, out, quiet)
     (out / "img").mkdir(parents=True, exist_ok=True)  # nothing is created before the inputs are validated
     for page in pages:
         _run_figures(page, out)
     (out / "metrics.json").write_text(json.dumps({p.name: p.metrics for p in pages}, indent=2))
     index = out / "index.html"
-    index.write_text(render(pages, body, data, vocoder if kinds == {True} else None, split))
+    shown = data.root if speech else data
+    index.write_text(render(pages, body, shown, vocoder.name if speech else None, split))
     return index
 
 
-def _speech(pages: list[RunPage], data: Path, out: Path, vocoder: str, n: int, split: str, device, quiet) -> dict:
+def _speech(pages: list[RunPage], runs: list[TrainedRun], store: Store, out: Path, vocoder: Vocoder, n: int, split: str,
+            quiet: bool) -> dict:
     """Evaluate each run (mel-MSE pass and audio pass); write players, mels and code strips of the chosen ones."""
-    from sqaudio.codec.codec import write_wav
-    from sqaudio.codec.vocoders import load_vocoder
-    from sqaudio.config import FeatureConfig, from_dict
-    from sqaudio.data.store import open_store
-    from sqaudio.distributed import pick_device
-    from sqaudio.evaluation.audio import check_sources, evaluate_audio
-    from sqaudio.evaluation.metrics import CodeUsage, evaluate, speech_entries
-    from sqaudio.plots import plot_mels
-
-    store = open_store(data)
-    synth = load_vocoder(vocoder, pick_device(device), store.features)  # checked before any work; loaded once for every run
-    per_run = [speech_entries(store, from_dict(FeatureConfig, p.recipe["features"], "features"), p.speakers,
-                              split)[0] for p in pages]
+    vocoder.check_compatible(store.features)  # checked before any work
+    per_run = [speech_entries(store, run.model.recipe.features, run.speakers, split)[0] for run in runs]
     check_sources([e for entries in per_run for e in entries])  # every problem is found before any work starts
     shared = set.intersection(*({e["id"] for e in entries} for entries in per_run))
     common = [e for e in per_run[0] if e["id"] in shared]
     if not common:
-        raise UserError(f"no '{split}' utterance in {data} has a speaker that every run knows")
+        raise UserError(f"no '{split}' utterance in {store.root} has a speaker that every run knows")
     chosen = choose_utterances(common, n)
     ids = {e["id"]: safe_name(e["id"]) for e in chosen}
     utts: dict[str, dict[str, Any]] = {e["id"]: {"entry": e, "runs": {}} for e in chosen}
-    for page in pages:
+    for page, run in zip(pages, runs):
         usage = CodeUsage(page.recipe["quantizer"]["codebook_size"])
-        rate = store.features.sample_rate
-
-        def keep(entry, res, metrics, page=page, usage=usage):
-            usage.add(torch.from_numpy(res.codes), None)
-            if entry["id"] not in ids:
-                return
-            folder = out / "audio" / ids[entry["id"]]
-            write_wav(folder / "original.wav", res.wav, rate)
-            write_wav(folder / f"{safe_name(page.name)}.wav", res.wav_hat, rate)
-            mel_png = out / "img" / f"mel_{ids[entry['id']]}_{safe_name(page.name)}.png"
-            plot_mels(res.mel, res.mel_hat, mel_png, title=f"{entry['id']} — {page.name}",
-                      top_db=store.features.top_db, frame_rate=store.features.frame_rate)
-            utts[entry["id"]]["runs"][page.name] = {"metrics": metrics, "codes": res.codes.tolist(),
-                                                    "wav": f"audio/{ids[entry['id']]}/{safe_name(page.name)}.wav",
-                                                    "mel": mel_png.relative_to(out).as_posix()}
-
-        audio = {**evaluate_audio(page.path, data, split, None, synth, device, quiet, on_utterance=keep),
-                 "vocoder": vocoder}
-        page.metrics = {**evaluate(page.path, data, split, device=device, quiet=quiet), **audio}
+        keep = _Keeper(page, store, out, ids, utts, usage)
+        audio = evaluate_audio(Codec(run.model, run.state, vocoder), store, split, None, quiet, on_utterance=keep)
+        page.metrics = {**evaluate(run, store, split, quiet=quiet), **audio}
         page.counts = usage.counts.numpy()
-    corpus = corpus_of(store.entries)
-    return {"utterances": list(utts.values()), "corpus": corpus}
+    return {"utterances": list(utts.values()), "corpus": corpus_of(store.entries)}
 
 
-def _images(pages: list[RunPage], data: Path | None, out: Path, device, quiet) -> dict:
+@dataclass
+class _Keeper:
+    """Sees each resynthesized utterance of one run: counts its codes, keeps the chosen ones' audio and mels."""
+
+    page: RunPage
+    store: Store
+    out: Path
+    ids: dict[str, str]                  # chosen utterance id -> file-safe name
+    utts: dict[str, dict[str, Any]]      # chosen utterance id -> {"entry", "runs": {run name: what the page shows}}
+    usage: CodeUsage
+
+    def __call__(self, entry: dict[str, Any], res: Resynthesis, metrics: dict[str, Any]) -> None:
+        self.usage.add(torch.from_numpy(res.codes), None)
+        if entry["id"] not in self.ids:
+            return
+        features, utt, run = self.store.features, self.ids[entry["id"]], safe_name(self.page.name)
+        folder = self.out / "audio" / utt
+        write_wav(folder / "original.wav", res.wav, features.sample_rate)
+        write_wav(folder / f"{run}.wav", res.wav_hat, features.sample_rate)
+        mel_png = self.out / "img" / f"mel_{utt}_{run}.png"
+        plot_mels(res.mel, res.mel_hat, mel_png, title=f"{entry['id']} — {self.page.name}",
+                  top_db=features.top_db, frame_rate=features.frame_rate)
+        self.utts[entry["id"]]["runs"][self.page.name] = {"metrics": metrics, "codes": res.codes.tolist(),
+                                                          "wav": f"audio/{utt}/{run}.wav",
+                                                          "mel": mel_png.relative_to(self.out).as_posix()}
+
+
+def _images(pages: list[RunPage], runs: list[TrainedRun], data: Path | None, out: Path, quiet: bool) -> dict:
     """Evaluate each image run and keep its grid of originals above reconstructions."""
-    from sqaudio.evaluation.metrics import evaluate
-
-    for page in pages:
+    for page, run in zip(pages, runs):
         grid = out / "img" / f"grid_{safe_name(page.name)}.png"
-        page.metrics = evaluate(page.path, data, device=device, grid=str(grid), quiet=quiet)
+        page.metrics = evaluate(run, data, grid=str(grid), quiet=quiet)
         if grid.is_file():
             page.images["test images: originals (top) and reconstructions (bottom)"] = grid.relative_to(out).as_posix()
     return {"utterances": [], "corpus": None}

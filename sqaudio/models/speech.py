@@ -36,16 +36,16 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if not self.training or (mask is None and not active()):
             return super().forward(x)
-        m = (mask[:, None, :] if mask is not None else torch.ones_like(x[:, :1])).to(x.dtype)  # (B, 1, T)
-        n = sum_all(m.sum())
-        mean = sum_all((x * m).sum(dim=(0, 2))) / n
-        var = sum_all((((x - mean[None, :, None]) ** 2) * m).sum(dim=(0, 2))) / n
+        weights = (mask[:, None, :] if mask is not None else torch.ones_like(x[:, :1])).to(x.dtype)  # (B, 1, T)
+        count = sum_all(weights.sum())
+        mean = sum_all((x * weights).sum(dim=(0, 2))) / count
+        var = sum_all((((x - mean[None, :, None]) ** 2) * weights).sum(dim=(0, 2))) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                mom = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), mom)
-                self.running_var.lerp_((var * n / (n - 1).clamp(min=1)).detach(), mom)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_((var * count / (count - 1).clamp(min=1)).detach(), momentum)
         y = (x - mean[None, :, None]) / torch.sqrt(var[None, :, None] + self.eps)
         return y * self.weight[None, :, None] + self.bias[None, :, None]
 
@@ -61,11 +61,12 @@ class SpeechEncoder(nn.Module):
 
     def __init__(self, n_mels: int, cfg: SpeechModelConfig, out_channels: int):
         super().__init__()
-        c = cfg.channels
-        specs = [(n_mels, 3, 1, 0), (c, 3, 1, 1), (c, 4, 2, 1), (c, 3, 1, 1), (c, 3, 1, 1)]
-        self.convs = nn.ModuleList(nn.Conv1d(i, c, k, s, p, bias=False) for i, k, s, p in specs)
-        self.norms = nn.ModuleList(MaskedBatchNorm1d(c) for _ in specs)
-        self.out = nn.Conv1d(c, out_channels, 1)
+        width = cfg.channels
+        specs = [(n_mels, 3, 1, 0), (width, 3, 1, 1), (width, 4, 2, 1), (width, 3, 1, 1), (width, 3, 1, 1)]
+        self.convs = nn.ModuleList(nn.Conv1d(inputs, width, kernel, stride, padding, bias=False)
+                                   for inputs, kernel, stride, padding in specs)
+        self.norms = nn.ModuleList(MaskedBatchNorm1d(width) for _ in specs)
+        self.out = nn.Conv1d(width, out_channels, 1)
 
     def forward(self, mel: Tensor, lengths: Tensor | None = None) -> Tensor:
         x = mel
@@ -101,8 +102,8 @@ class Jitter(nn.Module):
         if not self.training or self.p == 0.0:
             return z
         batch, dim, size = z.shape
-        u = noise.uniform((batch, size), z.device)  # keyed by (seed, step, sample) in training
-        shift = (u >= self.p / 2).long() + (u >= 1 - self.p / 2).long() - 1  # -1, 0, +1 w.p. p/2, 1-p, p/2
+        uniform = noise.uniform((batch, size), z.device)  # keyed by (seed, step, sample) in training
+        shift = (uniform >= self.p / 2).long() + (uniform >= 1 - self.p / 2).long() - 1  # -1, 0, +1 w.p. p/2, 1-p, p/2
         last = (lengths if lengths is not None else torch.full((batch,), size, device=z.device)) - 1
         index = torch.arange(size, device=z.device)[None, :] + shift  # (B, T): neighbour to copy from
         index = torch.minimum(index.clamp(min=0), last[:, None].clamp(min=0))  # stay inside each utterance

@@ -13,10 +13,23 @@ import torch
 from torch import Tensor, nn
 
 from sqaudio import checkpoint
-from sqaudio.config import Recipe, saved_recipe
+from sqaudio.config import QuantizerConfig, Recipe, saved_recipe
+from sqaudio.errors import UserError
 from sqaudio.models.likelihoods import build_likelihood
-from sqaudio.models.quantizers import build_quantizer
+from sqaudio.models.quantizers import Quantizer
 from sqaudio.models.speech import Jitter, SpeechDecoder, SpeechEncoder, encoder_lengths, length_mask
+from sqaudio.models.stochastic import FixedGaussianSQ, GaussianSQ, VmfSQ
+from sqaudio.models.vq import VQEMA
+
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    "gaussian": GaussianSQ, "fixed_gaussian": FixedGaussianSQ, "vq_ema": VQEMA, "vmf": VmfSQ}
+
+
+def build_quantizer(cfg: QuantizerConfig) -> Quantizer:
+    """The quantizer named by cfg.kind (a UserError lists the valid kinds)."""
+    if cfg.kind not in QUANTIZERS:
+        raise UserError(f"unknown quantizer.kind '{cfg.kind}' (valid: {', '.join(QUANTIZERS)})")
+    return QUANTIZERS[cfg.kind](cfg)
 
 
 @dataclass

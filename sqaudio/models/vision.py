@@ -160,13 +160,14 @@ class VisionEncoder(nn.Module):
         if not 0 <= var_channels < out_channels:
             raise ValueError(f"var_channels must be in [0, out_channels), got {var_channels} of {out_channels}")
         self.cfg = cfg
-        c = cfg.channels
+        width = cfg.channels
         self.in_channels = class_channels(cfg.num_classes) if cfg.num_classes else cfg.in_channels
-        layers = _stack(spec.encoder, nn.Conv2d, self.in_channels, {"half": c // 2, "full": c}, spec.encoder_act_last)
-        layers += [ResBlock(c) for _ in range(cfg.n_resblocks - 1)]
+        layers = _stack(spec.encoder, nn.Conv2d, self.in_channels, {"half": width // 2, "full": width},
+                        spec.encoder_act_last)
+        layers += [ResBlock(width) for _ in range(cfg.n_resblocks - 1)]
         self.trunk = nn.Sequential(*layers)
-        self.mean_head = _head(c, out_channels - var_channels)
-        self.var_head = _head(c, var_channels) if var_channels else None
+        self.mean_head = _head(width, out_channels - var_channels)
+        self.var_head = _head(width, var_channels) if var_channels else None
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -198,10 +199,11 @@ class VisionDecoder(nn.Module):
     def __init__(self, cfg: VisionModelConfig, in_channels: int, out_channels: int):
         super().__init__()
         spec = network_spec(cfg)
-        c = cfg.channels
-        layers: list[nn.Module] = [nn.Identity() if in_channels == c else nn.Conv2d(in_channels, c, 1)]
-        layers += [ResBlock(c) for _ in range(cfg.n_resblocks - spec.decoder_block_offset)]
-        layers += _stack(spec.decoder, nn.ConvTranspose2d, c, {"half": c // 2, "full": c, "out": out_channels}, False)
+        width = cfg.channels
+        layers: list[nn.Module] = [nn.Identity() if in_channels == width else nn.Conv2d(in_channels, width, 1)]
+        layers += [ResBlock(width) for _ in range(cfg.n_resblocks - spec.decoder_block_offset)]
+        sizes = {"half": width // 2, "full": width, "out": out_channels}
+        layers += _stack(spec.decoder, nn.ConvTranspose2d, width, sizes, False)
         activation = cfg.output_activation
         if activation == "auto":
             activation = "none" if cfg.num_classes else "sigmoid"

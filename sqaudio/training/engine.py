@@ -1,14 +1,7 @@
-"""The training engine every trainer shares: devices and process groups, data loading, RNG streams,
-checkpoint choice on resume, signals, the NaN/stop agreement and on-device statistics.
-
-A trainer keeps only its models, losses and step function; its loop reads
-
-    with engine.session(device, deterministic) as eng:                # set-up and teardown
-        eng.seed_streams(seed)                                         # per-rank RNG streams
-        state = eng.resume_state(out, resume)                          # rank 0 chooses, all ranks get it
-        step, signal = eng.loop(dataset, step, total, step=train_step, # DataLoader, stop at a boundary
-                                on_log=..., save=..., ...)             # before the forward, on-device stats
-    where train_step draws its noise under `eng.noise(step)` (keyed Gumbel/jitter noise).
+"""The training engine every trainer shares: devices and process groups (`session` -> `Process`), data
+loading, RNG streams, signals, the NaN/stop agreement and on-device statistics. `sqaudio.training.run.Run`
+builds one run (resume, checkpoints, logging, the loop) on top of it; a trainer's step draws its noise under
+`process.noise(step)` (keyed Gumbel/jitter noise).
 
 Host syncs: none in the steady-state step (fp16's GradScaler keeps its own one); log and checkpoint steps
 read the statistics once. The stop decision travels in a non-blocking all-reduce on a CPU (gloo) group that
@@ -22,7 +15,7 @@ import random
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -175,12 +168,18 @@ class Meter:
 # ------------------------------------------------------------------ the session
 
 @dataclass
-class Engine:
-    """One process's view of a run: its device, its place in the process group and the run's seed."""
+class Process:
+    """This process's part of a run: its device, its place in the process group and the run's seed."""
 
     dev: torch.device
     ctx: distributed.Context
     seed: int = 0
+
+    def check_batch_size(self, batch_size: int, key: str) -> None:
+        """Every rank takes an equal slice of each global batch: fail together (before anything is written)
+        when `batch_size` does not split over the processes."""
+        if batch_size % self.ctx.world:
+            fail_together(f"{key} {batch_size} is not divisible by {self.ctx.world} processes", self.ctx)
 
     def seed_streams(self, seed: int) -> None:
         """The run's seed; this rank's torch/numpy/Python streams start from (seed, rank)."""
@@ -208,58 +207,7 @@ class Engine:
             prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
             worker_init_fn=_quiet_worker, generator=torch.Generator())
         for step, batch in zip(range(start, total), loader):
-            yield step, _to(batch, self.dev)
-
-    def loop(self, dataset, start: int, total: int, *, workers: int, step: Callable[[int, Any], tuple[Any, dict]],
-             log_every: int, checkpoint_every: int, on_log: Callable[[int, dict[str, float]], str],
-             save: Callable[[int], None], out: Path, label: str, quiet: bool) -> tuple[int, int | None]:
-        """The training loop every trainer runs; returns (the step reached, the stopping signal or None).
-
-        `step(s, batch) -> (loss, statistics)` is the trainer's own optimisation step (device tensors). A stop
-        is taken at a step boundary, before the forward, so the state saved then is exactly that after the
-        last step. Statistics are read (one host sync, the NaN check) on log and checkpoint steps only;
-        `on_log(step, averages)` returns the progress text; `save(step)` runs on every rank at checkpoint
-        steps, at the end and after a stop.
-        """
-        meter = Meter(self.ctx)
-        with Stop(self.ctx) as stop, progress(label, quiet) as bar:
-            task = bar.add_task("", total=total, completed=start)
-            reached = start
-            for s, batch in self.batches(dataset, start, total, workers):
-                if stop.requested():
-                    break
-                loss, values = step(s, batch)
-                reached = s + 1
-                meter.add(s, values, loss)
-                log, ckpt = reached % log_every == 0 or reached == total, reached % checkpoint_every == 0
-                if log or ckpt:
-                    row = meter.read(reached, out, reset=log)
-                    if log:
-                        bar.update(task, description=on_log(reached, row))
-                bar.update(task, completed=reached)
-                if ckpt or reached == total:
-                    save(reached)
-            if stop.signal is not None:
-                meter.read(reached, out)
-                save(reached)
-        return reached, stop.signal
-
-    def resume_state(self, out: Path, resume: bool, fmt: str | None = None) -> dict[str, Any] | None:
-        """Rank 0 chooses the newest checkpoint of `out` and sends it to every rank (the run dir need only be
-        visible to rank 0); refuses an existing run without --resume. None: start from scratch."""
-        message, state = None, None
-        if self.ctx.is_main:
-            found = checkpoint.list_checkpoints(out) if out.is_dir() else []
-            if found and not resume:
-                message = f"{out} already holds checkpoints; pass --resume to continue or choose a new --out"
-            elif found:
-                state = checkpoint.load(found[-1])
-                if fmt is not None and state.get("format") != fmt:
-                    message, state = f"{out} does not hold {fmt} checkpoints", None
-        message, state = distributed.broadcast_object((message, state))
-        if message:
-            fail_together(message, self.ctx)
-        return state
+            yield step, to_device(batch, self.dev)
 
     def restore_rng(self, state: dict[str, Any], step: int) -> None:
         """This rank's saved streams when the checkpoint has one per rank of this world size; otherwise
@@ -278,11 +226,12 @@ class Engine:
         return {"rng": states[0], "rng_ranks": states}
 
 
-def _to(batch, dev: torch.device):
+def to_device(batch, dev: torch.device):
+    """A batch (tensor, or a dict/tuple/list of tensors) on `dev`, copied without waiting."""
     if isinstance(batch, dict):
-        return {k: _to(v, dev) for k, v in batch.items()}
+        return {key: to_device(value, dev) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, dev) for v in batch)
+        return type(batch)(to_device(value, dev) for value in batch)
     return batch.to(dev, non_blocking=True)
 
 
@@ -304,7 +253,7 @@ def set_deterministic(on: bool) -> None:
 
 
 @contextlib.contextmanager
-def session(device: str | None, deterministic: bool = False) -> Iterator[Engine]:
+def session(device: str | None, deterministic: bool = False) -> Iterator[Process]:
     """Pick the device and join torchrun's process group (one device per local rank); on leaving, tear the
     group down (no barrier when leaving on an error). Under several processes a broken collective (a peer
     failed and reported its own error) ends this rank quietly with exit code 2. Call `seed_streams` next."""
@@ -316,7 +265,7 @@ def session(device: str | None, deterministic: bool = False) -> Iterator[Engine]
         if dev.type == "cuda" and ctx.world > 1:
             dev = torch.device("cuda", ctx.local_rank)
             torch.cuda.set_device(dev)
-        yield Engine(dev, ctx)
+        yield Process(dev, ctx)
         ok = True
     except (RuntimeError, torch.distributed.DistError) as err:
         if ctx.world > 1 and distributed.is_peer_failure(err):

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sqaudio.config import FeatureConfig
-from sqaudio.data.features import load_audio, min_samples
+from sqaudio.data.audio import load_audio, min_samples
 from sqaudio.errors import UserError
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -88,3 +88,16 @@ def test_reconstruct_result_or_clear_error(cli, model_dir, tmp_path_factory, cas
     else:
         assert result.exit_code == 2 and "error:" in result.output and not out.exists()
 
+
+
+@pytest.mark.parametrize("rate", [8000, 16000])
+def test_the_shortest_accepted_input_reconstructs(cli, model_dir, tmp_path, rate):
+    """An input just long enough to be accepted decodes to fewer frames than Griffin-Lim's inverse STFT can trim
+    to; it still gives a wav of the input's duration."""
+    n = -(-min_samples(FeatureConfig()) * rate // 16000)  # the fewest samples at `rate` that are accepted
+    noise = np.random.default_rng(0).standard_normal(n) * 0.3
+    sf.write(tmp_path / "in.wav", noise, rate)
+    result = cli("reconstruct", tmp_path / "in.wav", "-o", tmp_path / "out.wav", "--model", model_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    wav, out_rate = sf.read(tmp_path / "out.wav")
+    assert out_rate == 16000 and abs(len(wav) - n * 16000 // rate) <= 1 and np.all(np.isfinite(wav))

@@ -83,3 +83,44 @@ def test_codes_from_another_model_are_refused(cli, model_dir, tmp_path):
     (tmp_path / "codes" / "x.json").write_text(json.dumps(header))
     result = cli("decode", tmp_path / "codes" / "x.npy", "-o", tmp_path / "dec", "--model", model_dir)
     assert result.exit_code == 2 and "another model" in result.output
+
+
+def test_reconstruct_reads_model_and_input_once(cli, model_dir, tmp_path, monkeypatch):
+    """The checkpoint is read once; the input is opened for MelStream's two streaming passes and once more for the
+    progress bar's header read, and at no other time."""
+    import sys
+
+    import torch
+
+    src = _wav(tmp_path / "spk0_in.wav", seconds=2.0)
+    loads, opened, headers = [], [], []
+    real_load, real_info = torch.load, sf.info
+
+    def load(path, *args, **kwargs):
+        loads.append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    class CountingSoundFile(sf.SoundFile):
+        def __init__(self, file, *args, **kwargs):
+            super().__init__(file, *args, **kwargs)
+            self.reads = 0
+            if str(file) == str(src):
+                opened.append(self)
+
+        def read(self, *args, **kwargs):
+            self.reads += 1
+            return super().read(*args, **kwargs)
+
+    def info(file, *args, **kwargs):
+        headers.append(sys._getframe(1).f_globals["__name__"])
+        return real_info(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(sf, "SoundFile", CountingSoundFile)
+    monkeypatch.setattr(sf, "info", info)
+    result = cli("reconstruct", src, "-o", tmp_path / "out.wav", "--model", model_dir, "--plot", tmp_path / "m.png")
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1  # griffin-lim reads no file
+    assert len([f for f in opened if f.reads]) == 2  # the two streaming passes
+    assert len(headers) <= 1  # the progress bar's header read
+    assert len(opened) <= 3  # the two passes and that header read (soundfile's info opens the file too)

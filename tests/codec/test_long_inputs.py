@@ -1,5 +1,5 @@
-"""Issue 15, item 11: long inputs run window by window (bounded memory) and the stitched result equals the
-one-pass result closely: exact codes, a crossfaded decoder mel and vocoder waveform without seams."""
+"""Long inputs run window by window (bounded memory) and the stitched result equals the one-pass result
+closely: exact codes, a crossfaded decoder mel and vocoder waveform without seams."""
 import numpy as np
 import pytest
 import soundfile as sf
@@ -8,8 +8,10 @@ from conftest import harmonic
 
 from sqaudio.codec.chunking import overlap_apply, spans
 from sqaudio.codec.codec import VOCODER_CONTEXT, Codec
-from sqaudio.codec.vocoders import MelConvention, NeuralVocoder, build_generator, load_vocoder_config
+from sqaudio.codec.mel_conventions import MelConvention
+from sqaudio.codec.vocoders import GriffinLimVocoder, NeuralVocoder, build_generator, load_vocoder_config
 from sqaudio.config import FeatureConfig
+from sqaudio.models.sqvae import load_model
 
 
 class RecordingVocoder(NeuralVocoder):
@@ -35,17 +37,27 @@ def long_wav(tmp_path_factory):
     return path
 
 
-def _codec(model, chunk_seconds):
-    codec = Codec(model, None, "cpu", chunk_seconds=chunk_seconds)
-    codec.vocoder = RecordingVocoder(codec.features)
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    """The tiny model and its checkpoint state, read once for every codec of this module."""
+    return load_model(tiny_model, "cpu")
+
+
+def _codec(loaded, chunk_seconds, vocoder="neural"):
+    """A codec of the loaded tiny model with an untrained neural vocoder or Griffin-Lim."""
+    model, state = loaded
+    codec = Codec(model, state, None, chunk_seconds=chunk_seconds)
+    codec.vocoder = RecordingVocoder(codec.features) if vocoder == "neural" else GriffinLimVocoder(codec.features)
     return codec
 
 
-def test_chunked_reconstruction_equals_one_pass(tiny_model, long_wav):
-    whole, chunked = _codec(tiny_model, 60.0), _codec(tiny_model, 2.0)
-    wav_a, _, enc_a, mel_a = whole.reconstruct(long_wav)
+def test_chunked_reconstruction_equals_one_pass(loaded, long_wav):
+    whole, chunked = _codec(loaded, 60.0), _codec(loaded, 2.0)
+    a = whole.reconstruct(long_wav)
+    wav_a, enc_a, mel_a = a.wav, a.encoded, a.mel_hat
     steps = []
-    wav_b, _, enc_b, mel_b = chunked.reconstruct(long_wav, step=lambda: steps.append(1))
+    b = chunked.reconstruct(long_wav, step=lambda: steps.append(1))
+    wav_b, enc_b, mel_b = b.wav, b.encoded, b.mel_hat
     assert len(steps) == chunked.windows(len(wav_a)) > 3  # several windows, each reported
     np.testing.assert_array_equal(enc_a.codes, enc_b.codes)  # the encoder's windows cover its receptive field
     assert mel_a.shape == mel_b.shape
@@ -87,9 +99,9 @@ def test_reconstruct_of_a_long_file_through_the_cli(cli, tiny_model, tmp_path):
     np.testing.assert_array_equal(sf.read(tmp_path / "dec" / "spk1_long.wav")[0], wav)
 
 
-def test_chunked_griffin_lim_has_no_seams(tiny_model, long_wav):
-    whole = Codec(tiny_model, "griffin-lim", "cpu", chunk_seconds=60.0)
-    chunked = Codec(tiny_model, "griffin-lim", "cpu", chunk_seconds=2.0)
+def test_chunked_griffin_lim_has_no_seams(loaded, long_wav):
+    whole = _codec(loaded, 60.0, "griffin-lim")
+    chunked = _codec(loaded, 2.0, "griffin-lim")
     mel = whole.encode(long_wav)
     a = whole.decode(mel.codes, mel.speaker, mel.samples)
     b = chunked.decode(mel.codes, mel.speaker, mel.samples)
@@ -105,36 +117,36 @@ def test_chunked_griffin_lim_has_no_seams(tiny_model, long_wav):
 
 
 @pytest.mark.parametrize("vocoder", ["griffin-lim", "neural"])
-def test_streamed_reconstruction_file_equals_the_in_memory_one(tiny_model, long_wav, tmp_path, vocoder):
+def test_streamed_reconstruction_file_equals_the_in_memory_one(loaded, long_wav, tmp_path, vocoder):
     """`reconstruct_to` (what the CLI runs: features in two passes, windows chained, the wav written in blocks;
     Griffin-Lim's whole-signal peak through a spool file) writes exactly `reconstruct` + `write_wav`."""
     import os
 
-    from sqaudio.codec.codec import write_wav
+    from sqaudio.codec.waveform import write_wav
 
-    codec = Codec(tiny_model, "griffin-lim" if vocoder == "griffin-lim" else None, "cpu", chunk_seconds=2.0)
-    if vocoder == "neural":
-        codec.vocoder = RecordingVocoder(codec.features)
-    wav, stats, enc, mel_hat = codec.reconstruct(long_wav)
-    write_wav(tmp_path / "a.wav", wav, 16000)
+    codec = _codec(loaded, 2.0, vocoder)
+    rec = codec.reconstruct(long_wav)
+    enc = rec.encoded
+    write_wav(tmp_path / "a.wav", rec.wav, 16000)
     old = os.umask(0o027)
     try:
-        stats_b, enc_b, mels = codec.reconstruct_to(long_wav, tmp_path / "out" / "b.wav")
+        streamed = codec.reconstruct_to(long_wav, tmp_path / "out" / "b.wav")
     finally:
         os.umask(old)
-    assert mels is None and enc_b.mel is None  # nothing kept unless asked (a plot)
+    assert streamed.mel_hat is None and streamed.encoded.mel is None  # nothing kept unless asked (a plot)
     np.testing.assert_array_equal(sf.read(tmp_path / "out" / "b.wav")[0],
                                   sf.read(tmp_path / "a.wav")[0])
-    np.testing.assert_array_equal(enc.codes, enc_b.codes)
-    assert stats_b.pop("speaker") == stats.pop("speaker") == enc.speaker
-    assert stats_b == pytest.approx(stats, rel=1e-5)  # the mel-MSE summed by window, not over the whole
+    np.testing.assert_array_equal(enc.codes, streamed.encoded.codes)
+    assert streamed.encoded.speaker == enc.speaker == "spk0" and not streamed.encoded.speaker_fallback
+    assert (streamed.codes_used, streamed.latent_frames, streamed.bitrate_bps) == (
+        rec.codes_used, rec.latent_frames, rec.bitrate_bps)
+    assert streamed.mel_mse_db2 == pytest.approx(rec.mel_mse_db2, rel=1e-5)  # summed by window, not over the whole
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.wav"]  # no temporary or spool left
     assert (tmp_path / "out" / "b.wav").stat().st_mode & 0o777 == 0o640  # the umask, as every output
     steps = []
-    _, enc_c, kept = codec.reconstruct_to(long_wav, tmp_path / "out" / "c.wav", keep_mels=True,
-                                          step=lambda: steps.append(1))
-    torch.testing.assert_close(kept, mel_hat, rtol=0, atol=0)
-    np.testing.assert_array_equal(enc_c.mel, enc.mel)
+    kept = codec.reconstruct_to(long_wav, tmp_path / "out" / "c.wav", keep_mels=True, step=lambda: steps.append(1))
+    torch.testing.assert_close(kept.mel_hat, rec.mel_hat, rtol=0, atol=0)
+    np.testing.assert_array_equal(kept.encoded.mel, enc.mel)
     assert len(steps) == codec.windows(enc.samples) > 3  # the progress bar's count, though readers stop early
     steps.clear()
     codec.decode_to(enc.codes, enc.speaker, enc.samples, tmp_path / "out" / "d.wav", step=lambda: steps.append(1))
@@ -142,10 +154,10 @@ def test_streamed_reconstruction_file_equals_the_in_memory_one(tiny_model, long_
     np.testing.assert_array_equal(sf.read(tmp_path / "out" / "d.wav")[0], sf.read(tmp_path / "a.wav")[0])
 
 
-def test_streamed_reconstruction_of_bad_input_writes_nothing(tiny_model, tmp_path):
+def test_streamed_reconstruction_of_bad_input_writes_nothing(loaded, tmp_path):
     from sqaudio.errors import UserError
 
-    codec = Codec(tiny_model, "griffin-lim", "cpu", chunk_seconds=2.0)
+    codec = _codec(loaded, 2.0, "griffin-lim")
     bad = tmp_path / "spk0_nan.wav"
     sf.write(bad, np.where(np.arange(100000) == 90000, np.nan, np.tile(harmonic(1.0), 7)[:100000]), 16000,
              subtype="FLOAT")

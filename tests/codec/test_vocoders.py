@@ -12,16 +12,16 @@ from conftest import harmonic
 from factories import TINY, TINY_PWG, make_store
 
 from sqaudio import checkpoint
+from sqaudio.codec.mel_conventions import MelConvention, convert_logmel
 from sqaudio.codec.vocoders import (
     GriffinLimVocoder,
-    MelConvention,
-    convert_logmel,
-    list_vocoder_recipes,
+    VocoderConfig,
     load_vocoder,
     load_vocoder_config,
 )
-from sqaudio.config import FeatureConfig, to_dict
+from sqaudio.config import VOCODER_DIR, FeatureConfig, from_saved, list_recipes, to_dict
 from sqaudio.data.features import log_mel_spectrogram
+from sqaudio.data.store import open_store
 from sqaudio.errors import UserError
 
 pytestmark = [pytest.mark.filterwarnings("ignore:stft with return_complex=False"),  # parallel-wavegan quirks
@@ -38,7 +38,7 @@ def store(tmp_path_factory) -> Path:
 def trained(store, tmp_path_factory) -> Path:
     from sqaudio.training.vocoder import train_vocoder
     out = tmp_path_factory.mktemp("voc")
-    train_vocoder(store, out, "tiny", TINY, quiet=True)
+    train_vocoder(open_store(store), out, load_vocoder_config("tiny", TINY), quiet=True)
     return out
 
 
@@ -66,8 +66,9 @@ def test_kaiser_shim_and_pqmf_reconstruct():
 def test_train_resume_equals_straight_run(store, tmp_path, cli, overrides):
     from sqaudio.training.vocoder import train_vocoder
     straight, split = tmp_path / "straight", tmp_path / "split"
-    summary = train_vocoder(store, straight, "tiny", overrides, quiet=True)
-    assert summary["step"] == 4 and summary["eval_mel_loss"] is not None
+    result = train_vocoder(open_store(store), straight, load_vocoder_config("tiny", overrides), quiet=True)
+    assert result.step == 4 and result.signal is None and "eval/mel_loss" in result.evaluation
+    assert result.checkpoint == straight / "checkpoint-4.pt" and set(result.statistics) >= {"generator", "mel"}
     assert cli("vocoder", "train", store, "--out", split, "--recipe", "tiny", "--quiet",
                *[a for o in overrides + ["train.steps=2"] for a in ("--set", o)]).exit_code == 0
     assert [p.name for p in checkpoint.list_checkpoints(split)] == ["checkpoint-2.pt"]
@@ -91,7 +92,7 @@ def test_saved_vocoder_reloads_to_identical_output(trained, store):
     assert first.shape == (1, mel.shape[-1] * FEATURES.hop_length)
     assert torch.equal(first, again)
     state = checkpoint.load(trained / "checkpoint-4.pt")
-    generator = build_generator(load_vocoder_config(base=state["config"]), FEATURES)
+    generator = build_generator(from_saved(VocoderConfig, state["config"]), FEATURES)
     generator.load_state_dict(state["generator"])  # still with weight norm, as in training
     with torch.no_grad():
         torch.testing.assert_close(generator.eval()(mel), first, rtol=1e-4, atol=1e-5)
@@ -113,14 +114,13 @@ def test_train_refuses_existing_run_and_bad_recipes(store, trained, tmp_path, cl
     assert result.exit_code == 0 and "HiFiGANGenerator" in result.output
 
 
-@pytest.mark.parametrize("name", list_vocoder_recipes())
+@pytest.mark.parametrize("name", list_recipes(VOCODER_DIR))
 def test_shipped_recipes_build(name):
     from sqaudio.codec.parallel_wavegan import build_discriminator
-    from sqaudio.codec.vocoders import build_generator
-    from sqaudio.training.vocoder import validate
+    from sqaudio.codec.vocoders import build_generator, validate_vocoder_config
     cfg = load_vocoder_config(name)
     generator = build_generator(cfg, FEATURES)
-    validate(cfg, FEATURES, generator)
+    validate_vocoder_config(cfg, FEATURES)
     with torch.no_grad():
         wav = generator(torch.rand(1, FEATURES.n_mels, 9))
     assert wav.shape == (1, 9 * FEATURES.hop_length)
@@ -235,28 +235,19 @@ def test_griffin_lim_round_trip():
     assert spectral_convergence(x, noise) > 0.9  # the measure can fail
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(store, tmp_path):
+def test_sigterm_after_a_logged_step_saves_a_checkpoint_and_exits(store, tmp_path):
     import os
     import signal
-    import subprocess
     import sys
-    import time
+
+    from conftest import signal_when
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "sqaudio", "vocoder", "train", str(store), "--out", str(out),
-                             "--recipe", "tiny", "--quiet", "--set", "train.steps=1000000",
-                             "--set", "train.checkpoint_every=1000000", "--set", "train.eval_utterances=0"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while not list((out / "logs").glob("events.*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # let it run a few steps
-        proc.send_signal(signal.SIGTERM)
-        output = proc.communicate(timeout=90)[0].decode()
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, output
+    cmd = [sys.executable, "-m", "sqaudio", "vocoder", "train", str(store), "--out", str(out), "--recipe", "tiny",
+           "--quiet", *[a for o in ("train.steps=1000000", "train.checkpoint_every=1000000", "train.log_every=1",
+                                    "train.eval_utterances=0") for a in ("--set", o)]]
+    code, err = signal_when(cmd, (out / "history.jsonl").exists, signal.SIGTERM, env)  # step 1 was logged
+    assert code == 128 + signal.SIGTERM, err
     saved = checkpoint.list_checkpoints(out)
     assert len(saved) == 1 and checkpoint.load(saved[0])["step"] >= 1
-    assert not list(out.glob(".*.tmp"))
+    assert "saved checkpoint" in err and not list(out.glob(".*.tmp"))

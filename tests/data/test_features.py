@@ -2,29 +2,21 @@
 on librosa 0.7.2 + resampy), audio reading of every PCM/float format, and bad-input errors."""
 from __future__ import annotations
 
+import librosa
 import numpy as np
 import pytest
+import resampy
 import scipy.signal
 import soundfile as sf
 import torch
 from conftest import harmonic
 
 from sqaudio.config import FeatureConfig
-from sqaudio.data.features import (
-    AudioError,
-    LogMel,
-    check_config,
-    load_audio,
-    log_mel_spectrogram,
-    logmel_to_db,
-    min_samples,
-    prepare_waveform,
-    read_audio,
-)
+from sqaudio.data.audio import AudioError, load_audio, min_samples, prepare_waveform, read_audio
+from sqaudio.data.features import LogMel, check_config, log_mel_spectrogram, logmel_to_db
 from sqaudio.data.synthetic import make_voices, synthesize
 from sqaudio.errors import UserError
 
-librosa = pytest.importorskip("librosa")
 CFG = FeatureConfig()
 
 
@@ -114,8 +106,7 @@ def test_resampled_close_to_librosa_default_resampler(rate):
         assert diff.mean() < 0.015 and diff[in_band].max() < 0.06
 
 
-def test_resampler_matches_resampy_when_installed():
-    resampy = pytest.importorskip("resampy")
+def test_resampler_matches_resampy():
     x = np.random.default_rng(0).standard_normal(44100)
     ours = prepare_waveform(x.astype(np.float32), 44100, CFG)
     theirs = resampy.resample(x, 44100, 16000, filter="kaiser_best")
@@ -203,3 +194,20 @@ def test_impossible_feature_configs_are_user_errors(changes):
 
     with pytest.raises(UserError):
         check_config(dataclasses.replace(CFG, **changes))
+
+
+def test_batched_log_mel_of_long_recordings_is_chunked_and_exact():
+    """Rows longer than FRAME_CHUNK frames (20 s) go through the chunked path and equal one-by-one features."""
+    from conftest import harmonic
+
+    from sqaudio.config import FeatureConfig
+    from sqaudio.data.features import FRAME_CHUNK, LogMel
+
+    cfg = FeatureConfig()
+    logmel = LogMel(cfg, method="frames")
+    long = torch.from_numpy(harmonic(FRAME_CHUNK * cfg.hop_length / cfg.sample_rate + 2.5, seed=1))
+    short = torch.from_numpy(harmonic(1.0, seed=2))
+    batched = logmel.batch([long, short])
+    assert batched[0].shape[-1] > FRAME_CHUNK
+    for got, wav in zip(batched, (long, short)):
+        torch.testing.assert_close(got, logmel(wav[None])[0], atol=1e-5, rtol=0)

@@ -4,16 +4,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SHARED_DATA, harmonic
+from conftest import SHARED_DATA, harmonic, signal_when
 
 from sqaudio.data.store import open_store
 from sqaudio.data.synthetic import make_demo_corpus
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 BAD = {  # file -> words its skip reason must contain
     "spk01/corrupt.wav": "unreadable", "spk01/empty.wav": "unreadable", "spk02/silent.wav": "silent",
     "spk02/nan.wav": "NaN", "spk03/short.wav": "too short", "spk03/header_only.wav": "empty",
@@ -137,7 +141,8 @@ def test_feature_options_and_mismatch(cli, corpus, tmp_path):
     assert (store.features.n_mels, store.features.fmin) == (40, 80.0)
     assert store.load(store.entries[0]).shape[0] == 40
     result = cli("prepare", corpus, out, "--workers", "1")
-    assert result.exit_code == 2 and "n_mels 40 -> 80" in result.output
+    assert result.exit_code == 2 and "other settings" in result.output
+    assert "n_mels" in result.output and "40" in result.output and "fmin" in result.output
     for bad in ("n_mel=40", "n_mels=forty", "win_length=4096", "nonsense"):
         result = cli("prepare", corpus, tmp_path / "x", "--set", bad)
         assert result.exit_code == 2 and "error:" in result.output, (bad, result.output)
@@ -224,3 +229,37 @@ def test_demo_corpus_is_deterministic_speechlike_and_speakers_differ(tmp_path):
         pitches.append(np.median(f0[loud[: len(f0)]]))
         assert abs(pitches[-1] - voice.f0) < 0.2 * voice.f0
     assert pitches[1] > pitches[0] * 1.3  # a low and a high voice
+
+
+def test_prepare_device_path_reads_a_bounded_window_ahead_in_order():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqaudio.data.extract import read_ahead
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn, *args):
+            Counting.submitted += 1
+            return super().submit(fn, *args)
+
+    with Counting(3) as pool:
+        results = read_ahead(pool, list(range(50)), lambda i: i * i, 6)
+        assert next(results) == 0 and Counting.submitted == 7  # 6 in flight, one more after taking the first
+        assert list(results) == [i * i for i in range(1, 50)]
+
+
+def test_prepare_stopped_by_sigterm_exits_143_and_resumes(tmp_path):
+    corpus = tmp_path / "corpus"
+    for s in range(2):
+        (corpus / f"spk{s}").mkdir(parents=True)
+        for u in range(30):
+            sf.write(corpus / f"spk{s}" / f"u{u}.wav", harmonic(2.0, seed=u, f0=100 + 10 * s), 16000)
+    out = tmp_path / "features"
+    cmd = [sys.executable, "-m", "sqaudio", "prepare", str(corpus), str(out), "--corpus", "folder", "--workers", "1",
+           "--quiet"]
+    code, err = signal_when(cmd, (out / ".prepare-journal.jsonl").exists, signal.SIGTERM, ONE_THREAD)
+    assert code == 128 + signal.SIGTERM, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert subprocess.run(cmd, env=ONE_THREAD, capture_output=True, timeout=300).returncode == 0
+    assert (out / "manifest.jsonl").is_file()

@@ -13,7 +13,7 @@ import torch
 
 from sqaudio.config import FeatureConfig
 from sqaudio.data.corpora import list_corpus
-from sqaudio.data.prepare import _run_jobs, _run_jobs_device
+from sqaudio.data.extract import run_jobs, run_jobs_on_device
 from sqaudio.data.store import open_store
 from sqaudio.data.synthetic import make_demo_corpus
 
@@ -61,14 +61,14 @@ def test_batched_device_path_equals_the_per_file_path(corpus, tmp_path):
     """The path used with --device cuda (threads read audio, features in batches), run here on the CPU."""
     cfg = FeatureConfig()
     todo = list_corpus(corpus, "folder").utterances
-    per_file = {r["entry"]["id"]: r for r in _run_jobs(todo, tmp_path / "a", cfg, 1) if "entry" in r}
-    batched = {r["entry"]["id"]: r for r in _run_jobs_device(todo, tmp_path / "b", cfg, 2, torch.device("cpu"))
-               if "entry" in r}
+    per_file = {r.entry["id"]: r for r in run_jobs(todo, tmp_path / "a", cfg, 1) if r.entry}
+    batched = {r.entry["id"]: r for r in run_jobs_on_device(todo, tmp_path / "b", cfg, 2, torch.device("cpu"))
+               if r.entry}
     assert per_file.keys() == batched.keys() and len(per_file) == 24
     for key, result in per_file.items():
         assert result == batched[key]
-        a = np.load(tmp_path / "a" / result["entry"]["features"])
-        b = np.load(tmp_path / "b" / result["entry"]["features"])
+        a = np.load(tmp_path / "a" / result.entry["features"])
+        b = np.load(tmp_path / "b" / result.entry["features"])
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 

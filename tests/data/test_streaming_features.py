@@ -1,4 +1,4 @@
-"""Issue 15, item 11: the streaming two-pass log-mel (`MelStream`, `resample_blocks`) gives the one-pass feature's
+"""The streaming two-pass log-mel (`MelStream`, `resample_blocks`) gives the one-pass feature's
 numbers (`log_mel_spectrogram(load_audio(...))`, the reference definition) in flat memory."""
 import tracemalloc
 
@@ -9,15 +9,9 @@ import torch
 from conftest import harmonic
 
 from sqaudio.config import FeatureConfig
-from sqaudio.data.features import (
-    AudioError,
-    MelStream,
-    load_audio,
-    log_mel_spectrogram,
-    read_blocks,
-    resample,
-    resample_blocks,
-)
+from sqaudio.data.audio import AudioError, load_audio, resample
+from sqaudio.data.features import log_mel_spectrogram
+from sqaudio.data.stream import MelStream, read_blocks, resample_blocks
 
 CFG = FeatureConfig()
 

@@ -101,6 +101,42 @@ def test_evaluate_audio_json_keys(cli, tiny_model, wav_store, tmp_path):
     assert row["vocoder"] == "griffin-lim" and row["audio_utterances"] == row["utterances"]
 
 
+def _count_reads(monkeypatch) -> dict[str, list]:
+    """Records every torch.load (checkpoints) and every feature store opened while the test runs."""
+    import torch
+
+    from sqaudio.data.store import Store
+
+    seen: dict[str, list] = {"checkpoints": [], "stores": []}
+    real_load, real_init = torch.load, Store.__init__
+
+    def load(path, *args, **kwargs):
+        seen["checkpoints"].append(str(path))
+        return real_load(path, *args, **kwargs)
+
+    def init(self, *args, **kwargs):
+        seen["stores"].append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(Store, "__init__", init)
+    return seen
+
+
+def test_each_checkpoint_and_store_is_read_once(cli, tiny_model, wav_store, tmp_path, monkeypatch):
+    seen = _count_reads(monkeypatch)
+    result = cli("evaluate", tiny_model, "--data", wav_store, "--audio", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len(seen["checkpoints"]) == 1 and len(seen["stores"]) == 1, seen
+    seen["checkpoints"].clear(), seen["stores"].clear()
+    other = shutil.copytree(tiny_model, tmp_path / "runs" / "copy")
+    result = cli("report", tiny_model, other, "--data", wav_store, "--out", tmp_path / "page", "--utterances", "1",
+                 "--quiet", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert sorted(seen["checkpoints"]) == sorted({*seen["checkpoints"]}) and len(seen["checkpoints"]) == 2, seen
+    assert len(seen["stores"]) == 1
+
+
 def _one_red_line(result) -> str:
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
@@ -125,7 +161,7 @@ def test_bad_inputs_get_one_line_and_exit_2(cli, tiny_model, tiny_store, wav_sto
 def _browser():
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         if os.environ.get("CI"):
-            pytest.fail("CI needs headless Chromium: run `make browser` (apt-get install chromium chromium-driver)")
+            pytest.fail("CI needs headless Chromium: run `make system` (apt-get install chromium chromium-driver)")
         pytest.skip("no /usr/bin/chromium or /usr/bin/chromedriver (apt-get install chromium chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

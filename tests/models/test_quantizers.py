@@ -11,15 +11,10 @@ import torch.nn.functional as F
 
 from sqaudio.config import QuantizerConfig
 from sqaudio.errors import UserError
-from sqaudio.models.quantizers import (
-    QUANTIZERS,
-    VQEMA,
-    FixedGaussianSQ,
-    GaussianSQ,
-    VmfSQ,
-    build_quantizer,
-    weighted_sq_distance,
-)
+from sqaudio.models.quantizers import weighted_sq_distance
+from sqaudio.models.sqvae import QUANTIZERS, build_quantizer
+from sqaudio.models.stochastic import FixedGaussianSQ, GaussianSQ, VmfSQ
+from sqaudio.models.vq import VQEMA
 
 K, D = 6, 4
 
@@ -485,9 +480,6 @@ def test_bad_config_and_shapes():
 
 
 def test_harmonic_variance_is_one_over_mean_precision():
-    from sqaudio.config import QuantizerConfig
-    from sqaudio.models.quantizers import build_quantizer
-
     q = build_quantizer(QuantizerConfig(kind="gaussian", variant=4, codebook_size=8, dim=4, var_init=1.0)).eval()
     log_var = torch.tensor([0.0, 0.0, 0.0, 9.0]).view(1, 4, 1).expand(2, 4, 3)  # one dimension nearly unused
     out = q(torch.randn(2, 4, 3), var_logits=log_var)

@@ -109,3 +109,26 @@ def test_bad_data_under_devices_is_reported_once(tmp_path):
     assert done.returncode == 2
     assert len([line for line in done.stderr.splitlines() if line.startswith("error:")]) == 1
     assert "Traceback" not in done.stderr
+
+
+def test_relaunch_arguments_are_the_commands_own_without_devices():
+    import typer
+    from typer.testing import CliRunner
+
+    from sqaudio.distributed import command_args
+
+    app, group, seen = typer.Typer(), typer.Typer(), []
+    app.add_typer(group, name="vocoder")
+    app.command("other")(lambda: None)
+
+    @group.command("train")
+    def train(command: typer.Context, store: str = typer.Argument(...), out: str = typer.Option(..., "--out"),
+              recipe: str | None = typer.Option(None, "--recipe"), sets: list[str] = typer.Option([], "--set"),
+              resume: bool = typer.Option(False, "--resume"), devices: int = typer.Option(1, "--devices")):
+        seen.append(command_args(command, "--devices"))
+
+    args = ["vocoder", "train", "--devices", "2", "feats", "--set", "a.b=1", "--out", "run", "--set", "c=x y"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert seen == [["vocoder", "train", "feats", "--out", "run", "--set", "a.b=1", "--set", "c=x y"]]
+    assert CliRunner().invoke(app, [*args, "--resume", "--recipe", "tiny"]).exit_code == 0
+    assert seen[1] == [*seen[0][:5], "--recipe", "tiny", *seen[0][5:], "--resume"]

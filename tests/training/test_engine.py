@@ -148,11 +148,11 @@ def test_amp_names_its_choices(cli, tiny_store, tmp_path):
 def test_full_size_speech_recipes_use_bf16_on_cuda_and_fp32_on_cpu():
     from sqaudio.config import load_recipe
     from sqaudio.distributed import Context
-    from sqaudio.training.engine import Engine
+    from sqaudio.training.engine import Process
 
     for name in ("vctk/sqvae_gauss4", "vctk/sqvae_gauss1", "zerospeech2019/sqvae_gauss4", "vctk/vqvae_ema"):
         assert load_recipe(name).train.amp == "bf16", name
-    with Engine(torch.device("cpu"), Context()).autocast("bf16"):
+    with Process(torch.device("cpu"), Context()).autocast("bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32  # CPU: full precision
 
 
@@ -189,61 +189,3 @@ def test_plateau_schedule_steps_on_the_deterministic_validation_loss(cli, tmp_pa
     assert best == pytest.approx(total / count, rel=1e-5)
     train_loss = json.loads((out / "history.jsonl").read_text().splitlines()[-1])["loss"]
     assert abs(best - train_loss) > 1e-3 * abs(train_loss)
-
-
-# ------------------------------------------------------------------ prepare --device: bounded, chunked
-
-def test_prepare_device_path_reads_a_bounded_window_ahead_in_order():
-    from concurrent.futures import ThreadPoolExecutor
-
-    from sqaudio.data.prepare import read_ahead
-
-    class Counting(ThreadPoolExecutor):
-        submitted = 0
-
-        def submit(self, fn, *args):
-            Counting.submitted += 1
-            return super().submit(fn, *args)
-
-    with Counting(3) as pool:
-        results = read_ahead(pool, list(range(50)), lambda i: i * i, 6)
-        assert next(results) == 0 and Counting.submitted == 7  # 6 in flight, one more after taking the first
-        assert list(results) == [i * i for i in range(1, 50)]
-
-
-def test_batched_log_mel_of_long_recordings_is_chunked_and_exact():
-    """Rows longer than FRAME_CHUNK frames (20 s) go through the chunked path and equal one-by-one features."""
-    from conftest import harmonic
-
-    from sqaudio.config import FeatureConfig
-    from sqaudio.data.features import FRAME_CHUNK, LogMel
-
-    cfg = FeatureConfig()
-    logmel = LogMel(cfg, method="frames")
-    long = torch.from_numpy(harmonic(FRAME_CHUNK * cfg.hop_length / cfg.sample_rate + 2.5, seed=1))
-    short = torch.from_numpy(harmonic(1.0, seed=2))
-    batched = logmel.batch([long, short])
-    assert batched[0].shape[-1] > FRAME_CHUNK
-    for got, wav in zip(batched, (long, short)):
-        torch.testing.assert_close(got, logmel(wav[None])[0], atol=1e-5, rtol=0)
-
-
-# ------------------------------------------------------------------ exit codes of the long commands
-
-def test_prepare_stopped_by_sigterm_exits_143_and_resumes(tmp_path):
-    import soundfile as sf
-    from conftest import harmonic
-
-    corpus = tmp_path / "corpus"
-    for s in range(2):
-        (corpus / f"spk{s}").mkdir(parents=True)
-        for u in range(30):
-            sf.write(corpus / f"spk{s}" / f"u{u}.wav", harmonic(2.0, seed=u, f0=100 + 10 * s), 16000)
-    out = tmp_path / "features"
-    cmd = [sys.executable, "-m", "sqaudio", "prepare", str(corpus), str(out), "--corpus", "folder", "--workers", "1",
-           "--quiet"]
-    code, err = signal_when(cmd, (out / ".prepare-journal.jsonl").exists, signal.SIGTERM, ENV)
-    assert code == 128 + signal.SIGTERM, err
-    assert "interrupted" in err and "Traceback" not in err
-    assert subprocess.run(cmd, env=ENV, capture_output=True, timeout=300).returncode == 0
-    assert (out / "manifest.jsonl").is_file()

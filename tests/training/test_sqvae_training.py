@@ -105,13 +105,13 @@ def test_evaluate_mse_matches_direct_computation(tiny_store, tmp_path, cli):
     """The dB^2 metric equals the paper formula computed utterance by utterance (no batching/masking)."""
     from sqaudio.data.store import open_store
     from sqaudio.evaluation.metrics import evaluate
-    from sqaudio.models.sqvae import load_model
+    from sqaudio.evaluation.runs import load_run
 
     out = tmp_path / "run"
     assert _train(cli, tiny_store, out).exit_code == 0
-    result = evaluate(out, tiny_store, device="cpu", quiet=True)
-    model, state = load_model(out)
-    store = open_store(tiny_store)
+    run, store = load_run(out, "cpu"), open_store(tiny_store)
+    result = evaluate(run, store, quiet=True)
+    model, state = run.model, run.state
     sse, frames = 0.0, 0
     with torch.no_grad():
         for entry in store.split("test"):
@@ -125,3 +125,18 @@ def test_evaluate_mse_matches_direct_computation(tiny_store, tmp_path, cli):
             frames += target.shape[-1]
     assert result["frames"] == frames
     assert abs(result["mel_mse_db2"] - sse * 80**2 / (80 * frames)) < 1e-4 * result["mel_mse_db2"]
+
+
+def test_train_returns_what_it_reached_and_wrote(tiny_store, tmp_path):
+    from sqaudio.config import load_recipe
+    from sqaudio.training.sqvae import train
+
+    recipe = load_recipe("demo/tiny", ["train.steps=2", "train.log_every=1"])
+    result = train(recipe, tiny_store, tmp_path / "run", device="cpu", quiet=True)
+    assert (result.step, result.signal, result.steps_run) == (2, None, 2)
+    assert result.checkpoint == tmp_path / "run" / "checkpoint-2.pt"
+    assert {"loss", "tau", "lr"} <= set(result.statistics)
+    assert [json.loads(line)["step"] for line in result.history.read_text().splitlines()] == [1, 2]
+    assert result.config.is_file() and result.logs.is_dir()
+    again = train(recipe, tiny_store, tmp_path / "run", resume=True, device="cpu", quiet=True)
+    assert (again.step, again.steps_run, again.checkpoint) == (2, 0, result.checkpoint)  # nothing left to train

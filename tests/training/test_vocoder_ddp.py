@@ -13,7 +13,6 @@ from factories import make_store
 
 from sqaudio import checkpoint
 from sqaudio.distributed import Context
-from sqaudio.errors import UserError
 
 pytestmark = [pytest.mark.filterwarnings("ignore:stft with return_complex=False"),  # parallel-wavegan quirks
               pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated"),
@@ -49,11 +48,14 @@ def _assert_close(path_a: Path, path_b: Path) -> None:
 
 
 def test_two_processes_match_one_and_resume(store, tmp_path):
+    from sqaudio.codec.vocoders import load_vocoder_config
+    from sqaudio.data.store import open_store
     from sqaudio.training.engine import rank_seed
     from sqaudio.training.vocoder import train_vocoder
 
     one, two = tmp_path / "one", tmp_path / "two"
-    train_vocoder(store, one, "tiny", ARGS + ["train.steps=3"], device="cpu", quiet=True)
+    train_vocoder(open_store(store), one, load_vocoder_config("tiny", ARGS + ["train.steps=3"]), device="cpu",
+                  quiet=True)
     _launch(store, two, 2, "--recipe", "tiny")
     _assert_close(one / "checkpoint-1.pt", two / "checkpoint-1.pt")
     _assert_close(one / "checkpoint-2.pt", two / "checkpoint-2.pt")
@@ -69,19 +71,18 @@ def test_two_processes_match_one_and_resume(store, tmp_path):
     _assert_close(one / "checkpoint-3.pt", two / "checkpoint-3.pt")
 
 
-def test_batch_size_must_divide_world_size(store, tmp_path, cli, monkeypatch):
-    from sqaudio.training.vocoder import train_vocoder
-
-    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before joining a process group: none is needed here
-    with pytest.raises(UserError, match="train.batch_size 3 is not divisible by 2 processes"):
-        train_vocoder(store, tmp_path / "run", "tiny", ["train.batch_size=3"], device="cpu", quiet=True)
-    result = cli("vocoder", "train", store, "--out", tmp_path / "run", "--recipe", "tiny", "--set", "train.batch_size=3")
-    assert result.exit_code == 2 and "not divisible by 2 processes" in result.output
+def test_batch_size_must_divide_world_size_before_anything_is_written(store, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "sqaudio", "vocoder", "train", str(store), "--out", str(tmp_path / "run"),
+           "--recipe", "tiny", "--device", "cpu", "--devices", "2", "--set", "train.batch_size=3"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("train.batch_size 3 is not divisible by 2 processes") == 1  # rank 0 reports it
     assert not (tmp_path / "run").exists()
 
 
 def test_restore_rng_takes_each_ranks_own_stream():
-    from sqaudio.training.engine import Engine, rank_seed, rng_state, seed_all
+    from sqaudio.training.engine import Process, rank_seed, rng_state, seed_all
 
     cpu = torch.device("cpu")
     with torch.random.fork_rng():
@@ -90,11 +91,11 @@ def test_restore_rng_takes_each_ranks_own_stream():
         seed_all(22)
         saved1 = rng_state(cpu)
         state = {"rng": saved0, "rng_ranks": [saved0, saved1], "step": 7}
-        Engine(cpu, Context(rank=1, world=2), seed=5).restore_rng(state, 7)
+        Process(cpu, Context(rank=1, world=2), seed=5).restore_rng(state, 7)
         assert torch.equal(torch.get_rng_state(), saved1["torch"])
-        Engine(cpu, Context(rank=0, world=3), seed=5).restore_rng(state, 7)  # another world size: rank 0 keeps its
+        Process(cpu, Context(rank=0, world=3), seed=5).restore_rng(state, 7)  # another world size: rank 0 keeps its
         assert torch.equal(torch.get_rng_state(), saved0["torch"])
-        Engine(cpu, Context(rank=2, world=3), seed=5).restore_rng(state, 7)  # ... the others start fresh ones
+        Process(cpu, Context(rank=2, world=3), seed=5).restore_rng(state, 7)  # ... the others start fresh ones
         assert torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(rank_seed(5, 2, 7)).get_state())
         assert rank_seed(5, 1, 7) != rank_seed(5, 2, 7) != rank_seed(5, 2, 8)
 
@@ -108,7 +109,7 @@ def _free_port() -> int:
 def _spectral_convergence_rank(rank: int, world: int, port: int, x: torch.Tensor, y: torch.Tensor, out: str) -> None:
     import torch.distributed as dist
 
-    from sqaudio.training.vocoder import GlobalSpectralConvergence
+    from sqaudio.training.vocoder_losses import GlobalSpectralConvergence
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
