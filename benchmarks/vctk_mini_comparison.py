@@ -2,7 +2,7 @@
 
 Trains each chosen model for every seed (one process per run, one thread each, `--jobs` at a time, each run and
 its evaluation under `--timeout`; finished runs are skipped, cut-off runs resumed), evaluates each on the test
-split and prints test mel-MSE (dB^2), perplexity and used codes per seed and as mean +- std, then the issue-13
+split and prints test mel-MSE (dB^2), perplexity and used codes per seed and as mean +- std, then the
 acceptance check of `--option` against the best VQ-VAE-EMA model run (lowest mean mel-MSE among the `vq*` models,
 plain or calibrated): mean mel-MSE at least 5% below it, lower on at least 80% of the seeds (4 of 5, 3 of 3)
 paired by seed, and a higher mean perplexity. Writes every result and the check to `--json`.
@@ -142,7 +142,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def acceptance(results: dict, option: str, seeds: list[int]) -> dict:
-    """The issue-13 check of `option` against the best (lowest mean mel-MSE) VQ model that finished every seed."""
+    """The acceptance check of `option` against the best (lowest mean mel-MSE) VQ model that finished every seed."""
     def done(name, seed):
         return "mel_mse_db2" in results.get((name, seed), {})
 

@@ -1,4 +1,4 @@
-"""Issue 15, item 12: every figure has titles in words, axis labels with units, readable sizes and the run's
+"""Every figure has titles in words, axis labels with units, readable sizes and the run's
 name; one logged point still shows; mel-MSE on a log axis; colour bar on mels; values and "lower is better"
 on compare bars, with step counts; image grids with row labels."""
 import json

@@ -66,7 +66,14 @@ def out_json(result: dict, path: Path) -> Path:
     return path
 
 
+# Options several commands share, defined once.
 OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace outputs that exist already (default: refuse).")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+SET_OPT = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.steps=1000.")
+RESUME_OPT = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out.")
+QUIET_OPT = typer.Option(False, "--quiet", help="No progress bar or summary.")
+DEVICES_OPT = typer.Option(1, "--devices",
+                           help="Processes on this machine (DDP via torchrun); see docs/distributed.md.")
 
 
 def say_wrote(what: str, path: Path) -> None:

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from sqaudio.cli.app import OVERWRITE_OPT, app, console, say_wrote
+from sqaudio.cli.app import DEVICE_OPT, OVERWRITE_OPT, app, console, say_wrote
 
 _MODEL_OPT = typer.Option(..., "--model", help="Speech SQ-VAE run directory or checkpoint.")
 _VOCODER_OPT = typer.Option("griffin-lim", "--vocoder",
@@ -69,7 +69,7 @@ def reconstruct(
     vocoder: str = _VOCODER_OPT,
     speaker: Optional[str] = typer.Option(None, "--speaker", help=_SPEAKER_HELP),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of input vs reconstructed mel (one input) or folder."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    device: str = DEVICE_OPT,
     overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Audio -> codes -> decoder -> vocoder -> 16 kHz wav of the input's duration (long files in bounded memory)."""
@@ -121,7 +121,7 @@ def encode(
     fmt: str = typer.Option("npy", "--format", help="npy (indices + JSON header) or zerospeech (one vector per line)."),
     speaker: Optional[str] = typer.Option(None, "--speaker",
                                           help="Speaker stored in the header. " + _SPEAKER_HELP.split(". ", 1)[1]),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    device: str = DEVICE_OPT,
     overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Audio -> discrete code indices per latent frame (50 per second)."""
@@ -154,7 +154,7 @@ def decode(
     model: Path = _MODEL_OPT,
     vocoder: str = _VOCODER_OPT,
     speaker: Optional[str] = typer.Option(None, "--speaker", help="Decode with this training speaker instead of the header's."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    device: str = DEVICE_OPT,
     overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Codes -> decoder -> vocoder -> wavs."""

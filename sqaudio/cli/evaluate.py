@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from sqaudio.cli.app import OVERWRITE_OPT, app, console, out_json, say_wrote
+from sqaudio.cli.app import DEVICE_OPT, OVERWRITE_OPT, app, console, out_json, say_wrote
 from sqaudio.errors import UserError
 
 
@@ -18,7 +18,7 @@ def evaluate(
     eval_list: Optional[Path] = typer.Option(None, "--list", help="Evaluation list JSON of (path without extension, speaker) rows, the reference format (speech)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Images: PNG with originals above reconstructions."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    device: str = DEVICE_OPT,
     audio: bool = typer.Option(False, "--audio", help="Speech: also resynthesize every utterance (codes -> decoder -> "
                                "--vocoder) and score it against the original audio: pesq_wb, stoi, estoi, si_sdr_db, "
                                "mel_distance_db2 (see docs/report.md)."),
@@ -79,7 +79,7 @@ def compare(
     split: str = typer.Option("test", "--split", help="Split whose saved results are compared."),
     png: Optional[Path] = typer.Option(None, "--png", help="Write a bar chart of the metrics here."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write all results as JSON here."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    device: str = DEVICE_OPT,
     overwrite: bool = OVERWRITE_OPT,
 ) -> None:
     """Side-by-side table of several runs, like the paper's Table 3. Columns are named by the shortest
@@ -122,7 +122,7 @@ def report(
                                 "pretrained parallel-wavegan dir."),
     utterances: int = typer.Option(4, "--utterances", min=1, help="Test utterances to listen to (spread over speakers)."),
     split: str = typer.Option("test", "--split", help="Manifest split to evaluate and listen to (speech)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda ..."),
+    device: str = DEVICE_OPT,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """A static listening page (no server, works offline): metrics table, players, mels, codes, curves, settings."""

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from sqaudio.cli.app import app
+from sqaudio.cli.app import DEVICE_OPT, DEVICES_OPT, QUIET_OPT, RESUME_OPT, SET_OPT, app
 from sqaudio.errors import UserError
 
 
@@ -16,11 +16,11 @@ def train(
     recipe: str = typer.Argument(..., help="Recipe YAML path or shipped name, e.g. vctk/sqvae_gauss4 (see `sqaudio recipes`)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared features dir (speech) or image dataset root."),
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, config.yaml, TensorBoard, plots."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.steps=1000."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary."),
-    devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP via torchrun); see docs/distributed.md."),
+    overrides: list[str] = SET_OPT,
+    resume: bool = RESUME_OPT,
+    device: str = DEVICE_OPT,
+    quiet: bool = QUIET_OPT,
+    devices: int = DEVICES_OPT,
 ) -> None:
     """Train an SQ-VAE (or a VQ-VAE baseline) from a recipe. Ctrl-C/SIGTERM saves and exits 128 + signal."""
     from sqaudio.config import load_recipe, validate_recipe

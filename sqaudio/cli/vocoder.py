@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from sqaudio.cli.app import OVERWRITE_OPT, app, say_wrote
+from sqaudio.cli.app import DEVICE_OPT, DEVICES_OPT, OVERWRITE_OPT, QUIET_OPT, RESUME_OPT, SET_OPT, app, say_wrote
 from sqaudio.errors import UserError
 
 vocoder_app = typer.Typer(help="Neural vocoders (parallel-wavegan) for the prepared features.", no_args_is_help=True)
@@ -21,11 +21,11 @@ def vocoder_train(
     out: Path = typer.Option(..., "--out", help="Vocoder directory (checkpoints, config.yaml, logs/)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="hifigan (default), tiny, parallel_wavegan, melgan, "
                                                                "multiband_melgan, stylemelgan, or a YAML path."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set train.steps=1000."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1 ..."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary table."),
-    devices: int = typer.Option(1, "--devices", help="Processes on this machine (DDP via torchrun); see docs/distributed.md."),
+    overrides: list[str] = SET_OPT,
+    resume: bool = RESUME_OPT,
+    device: str = DEVICE_OPT,
+    quiet: bool = QUIET_OPT,
+    devices: int = DEVICES_OPT,
 ) -> None:
     """Train a GAN vocoder (HiFi-GAN by default) on the store's normalised log-mel -> 16 kHz waveform."""
     from sqaudio.codec.vocoders import load_vocoder_config

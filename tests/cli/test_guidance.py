@@ -1,4 +1,4 @@
-"""Issue 15, items 10, 14 and 15: one accepted-audio rule for prepare and reconstruct/encode (what is left out is
+"""One accepted-audio rule for prepare and reconstruct/encode (what is left out is
 counted and said), helpful recipe and --data errors, and a generator-only vocoder export that --vocoder takes."""
 import json
 import os
@@ -26,7 +26,7 @@ def _corpus(root):
     return root
 
 
-# ---------------------------------------------------------------- item 10
+# ---------------------------------------------------------------- one rule for audio inputs
 
 def test_prepare_and_reconstruct_share_the_format_rule(cli, tiny_model, tmp_path):
     corpus = _corpus(tmp_path / "corpus")
@@ -51,7 +51,7 @@ def test_prepare_and_reconstruct_share_the_format_rule(cli, tiny_model, tmp_path
     assert result.exit_code == 2 and "unsupported audio format .m4a" in result.stderr
 
 
-# ---------------------------------------------------------------- item 14
+# ---------------------------------------------------------------- recipe and --data errors that help
 
 def test_recipe_typo_suggests_the_closest_names(cli, tmp_path):
     result = cli("train", "vctk/sqvae_guass4", "--data", tmp_path, "--out", tmp_path / "run")
@@ -84,7 +84,7 @@ def test_a_corpus_given_as_features_is_not_suggested_as_the_output(cli, tiny_mod
     assert not (corpus / "manifest.jsonl").exists()
 
 
-# ---------------------------------------------------------------- item 15
+# ---------------------------------------------------------------- generator-only vocoder export
 
 def test_vocoder_export_is_generator_only_and_accepted_by_vocoder(cli, tiny_model, tmp_path):
     store = make_vocoder_store(tmp_path / "vstore", rate=16000)
@@ -94,7 +94,7 @@ def test_vocoder_export_is_generator_only_and_accepted_by_vocoder(cli, tiny_mode
     assert result.exit_code == 0, result.output
     umask = os.umask(0)
     os.umask(umask)
-    for written in (run / "config.yaml", *run.glob("checkpoint-*.pt")):  # item 7: not 0600
+    for written in (run / "config.yaml", *run.glob("checkpoint-*.pt")):  # the umask's mode, not mkstemp's 0600
         assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, written
     out = tmp_path / "export" / "tiny.pt"
     result = cli("vocoder", "export", run, out)
