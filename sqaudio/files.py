@@ -168,3 +168,15 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_npy(path: Path, array) -> None:
+    """Write a numpy array as .npy atomically (through a file handle: np.save on a path would append ".npy" to the
+    temporary file's name)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, write)

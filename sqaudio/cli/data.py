@@ -66,12 +66,11 @@ def _feature_options(recipe: Optional[str], overrides: list[str]):
     """FeatureConfig from a recipe's `features` section (or the defaults) with `key=value` overrides
     (`n_mels=40` or `features.n_mels=40`)."""
     from sqaudio.config import FeatureConfig, apply_overrides, from_dict, load_recipe, to_dict
-    from sqaudio.data.features import check_config
 
     base = to_dict(load_recipe(recipe).features) if recipe else to_dict(FeatureConfig())
     items = [item if item.startswith("features.") else f"features.{item}" for item in overrides]
     data = apply_overrides({"features": base}, items)["features"]
-    return check_config(from_dict(FeatureConfig, data, "features"))
+    return from_dict(FeatureConfig, data, "features")  # `prepare` checks it before anything is written
 
 
 def _parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:

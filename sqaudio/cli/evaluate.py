@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -95,12 +95,16 @@ def compare(
 
     names = run_names(runs)
     check_free([p for p in (png, json_path) if p is not None], overwrite)
+    dev = pick_device(device) if data is not None else None
+    opened: dict[bool, Any] = {}  # what --data is for speech runs (the store) and image runs, each opened once
     rows = {}
     for name, path in zip(names, runs):
         saved = result_path(path, split)
         if data is not None:
-            run = load_run(path, pick_device(device), name)
-            rows[name] = run_evaluation(run, _data(run, data, "speech evaluation needs"), split, quiet=True)
+            run = load_run(path, dev, name)
+            if run.speech not in opened:
+                opened[run.speech] = _data(run, data, "speech evaluation needs")
+            rows[name] = run_evaluation(run, opened[run.speech], split, quiet=True)
             save_result(path, rows[name])
         elif saved.is_file():
             rows[name] = json.loads(saved.read_text())

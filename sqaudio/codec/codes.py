@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sqaudio.errors import UserError
-from sqaudio.files import atomic_write
+from sqaudio.files import atomic_write, save_npy
 
 FORMATS = ("npy", "zerospeech")
 
@@ -41,7 +41,7 @@ def write_codes(path: Path, codec, enc, fmt: str) -> list[Path]:
         vectors = codec.model.quantizer.lookup(indices)[0].T.detach().cpu().numpy()  # (T', D)
         atomic_write(files[0], lambda tmp: np.savetxt(tmp, vectors, fmt="%.6f"))
         return files
-    atomic_write(files[0], lambda tmp: np.save(open(tmp, "wb"), enc.codes))
+    save_npy(files[0], enc.codes)
     atomic_write(files[1], lambda tmp: tmp.write_text(json.dumps(codec.header(enc), indent=2)))
     return files
 

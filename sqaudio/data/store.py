@@ -28,7 +28,7 @@ import numpy as np
 from sqaudio.config import FeatureConfig, from_dict, to_dict
 from sqaudio.data.audio import AudioError, load_audio
 from sqaudio.errors import UserError
-from sqaudio.files import atomic_write, is_audio
+from sqaudio.files import atomic_write, is_audio, save_npy
 
 MANIFEST = "manifest.jsonl"
 FEATURE_CONFIG = "feature_config.json"
@@ -61,15 +61,21 @@ class Store:
         """The (n_mels, frames) float32 feature of one manifest entry."""
         return np.load(self.root / entry["features"])
 
-    def source_audio(self, entry: dict[str, Any]) -> np.ndarray:
-        """The waveform the entry's features were computed from, read as `prepare` read it (its segment, down-mixed,
-        resampled to the store's rate): float32 (samples,). A UserError names the entry when it is gone or bad."""
+    def source_path(self, entry: dict[str, Any]) -> Path:
+        """The audio file the entry's features were computed from (a relative path: below the store); a UserError
+        names the entry when it is gone."""
         source = Path(entry["source"])
         if not source.is_absolute() and not source.exists():
             source = self.root / source
         if not source.is_file():
             raise UserError(f"source audio of '{entry['id']}' not found: {source} (this reads the corpus the "
                             f"features in {self.root} were prepared from)")
+        return source
+
+    def source_audio(self, entry: dict[str, Any]) -> np.ndarray:
+        """The waveform the entry's features were computed from, read as `prepare` read it (its segment, down-mixed,
+        resampled to the store's rate): float32 (samples,). A UserError names the entry when it is gone or bad."""
+        source = self.source_path(entry)
         try:
             return load_audio(source, self.features, entry.get("offset") or 0.0, entry.get("duration"))
         except AudioError as err:
@@ -151,22 +157,9 @@ def feature_path(split: str, speaker: str, utterance_id: str) -> str:
     return f"{FEATURES}/{split}/{speaker}/{utterance_id}.npy"
 
 
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-FILE_MODE = _file_mode()  # atomic_write's temporary files are 0600; store files get the usual umask mode
-
-
 def write_feature(root: Path, relative: str, mel: np.ndarray) -> None:
     """Atomically write a feature file as float32 .npy."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # np.save on a path would append ".npy" to the temporary name
-            np.save(f, np.ascontiguousarray(mel, dtype=np.float32))
-        os.chmod(tmp, FILE_MODE)
-    atomic_write(root / relative, write)
+    save_npy(root / relative, np.ascontiguousarray(mel, dtype=np.float32))
 
 
 def link_feature(source: Store, entry: dict[str, Any], root: Path) -> None:
@@ -183,10 +176,7 @@ def link_feature(source: Store, entry: dict[str, Any], root: Path) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Atomically replace a text file of the store."""
-    def write(tmp: Path) -> None:
-        tmp.write_text(text)
-        os.chmod(tmp, FILE_MODE)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def feature_config_json(features: FeatureConfig) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -112,16 +111,6 @@ class Resynthesis:
     codes: np.ndarray     # (frames / 2,) int64 code indices
 
 
-def check_sources(entries: list[dict[str, Any]]) -> list[Path]:
-    """The source audio paths of manifest entries; a UserError names the first one missing."""
-    paths = [Path(e["source"]) for e in entries]
-    for entry, path in zip(entries, paths):
-        if not path.is_file():
-            raise UserError(f"source audio of '{entry['id']}' not found: {path} (audio metrics read the corpus the "
-                            f"features were prepared from)")
-    return paths
-
-
 @torch.no_grad()
 def resynthesize(codec, store: Store, entry: dict[str, Any]) -> Resynthesis:
     """Encode an utterance's prepared features, decode them with its speaker, vocode to its source's length
@@ -147,7 +136,8 @@ def evaluate_audio(codec, store: Store, split: str = "test", eval_list: str | No
     from rich.progress import Progress
 
     entries, _ = speech_entries(store, codec.features, codec.speakers, split, eval_list)
-    check_sources(entries)
+    for entry in entries:  # a missing source file is named before any work starts
+        store.source_path(entry)
     rows = []
     with Progress(console=Console(stderr=True), disable=quiet) as progress:
         task = progress.add_task(f"audio metrics ({codec.vocoder.name})", total=len(entries))

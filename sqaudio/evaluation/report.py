@@ -25,7 +25,7 @@ import torch
 from sqaudio.codec.codec import Codec
 from sqaudio.codec.waveform import write_wav
 from sqaudio.errors import UserError
-from sqaudio.evaluation.audio import Resynthesis, check_sources, evaluate_audio
+from sqaudio.evaluation.audio import Resynthesis, evaluate_audio
 from sqaudio.evaluation.entries import speech_entries
 from sqaudio.evaluation.metrics import CodeUsage, evaluate
 from sqaudio.plots import plot_mels
@@ -140,7 +140,8 @@ def _speech(pages: list[RunPage], runs: list[TrainedRun], store: Store, out: Pat
     """Evaluate each run (mel-MSE pass and audio pass); write players, mels and code strips of the chosen ones."""
     vocoder.check_compatible(store.features)  # checked before any work
     per_run = [speech_entries(store, run.model.recipe.features, run.speakers, split)[0] for run in runs]
-    check_sources([e for entries in per_run for e in entries])  # every problem is found before any work starts
+    for entry in (e for entries in per_run for e in entries):  # every problem is found before any work starts
+        store.source_path(entry)
     shared = set.intersection(*({e["id"] for e in entries} for entries in per_run))
     common = [e for e in per_run[0] if e["id"] in shared]
     if not common:

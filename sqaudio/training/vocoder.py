@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sqaudio.codec.vocoders import CHECKPOINT_FORMAT, VocoderConfig, build_generator, validate_vocoder_config
-from sqaudio.config import FeatureConfig, from_dict, from_saved, to_dict
+from sqaudio.config import FeatureConfig, feature_mismatch, from_dict, from_saved, to_dict
 from sqaudio.data.batches import StepBatches
 from sqaudio.data.store import Store
 from sqaudio.errors import UserError
@@ -153,10 +153,10 @@ def _run_config(run: Run, store: Store, config: VocoderConfig | None, overrides:
             engine.fail_together(f"no checkpoint found in {run.out} to resume (start without --resume)",
                                  run.process.ctx)
         return config
-    saved = from_dict(FeatureConfig, run.state["features"], "features")
-    if saved != store.features:
-        diff = [key for key, value in to_dict(saved).items() if value != to_dict(store.features)[key]]
-        raise UserError(f"{store.root} has other features than the run in {run.out}: {', '.join(diff)} differ")
+    diff = feature_mismatch(store.features, from_dict(FeatureConfig, run.state["features"], "features"),
+                            ("store", "run"))
+    if diff:
+        raise UserError(f"{store.root} has other features than the run in {run.out}: {'; '.join(diff)}")
     return from_saved(VocoderConfig, run.state["config"], overrides)
 
 

@@ -1,6 +1,7 @@
 """Vocoders: parallel-wavegan shim, training + exact resume, reload, pretrained dirs, conversion, Griffin-Lim."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,6 +83,20 @@ def test_train_resume_equals_straight_run(store, tmp_path, cli, overrides):
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert yaml.safe_load((split / "config.yaml").read_text())["features"] == to_dict(FEATURES)
     assert list((split / "logs").glob("events.out.tfevents.*"))
+
+
+def test_resume_on_a_store_with_other_features_names_them(trained, store, tmp_path):
+    import shutil
+
+    from sqaudio.training.vocoder import train_vocoder
+    other, run = tmp_path / "other", tmp_path / "run"
+    shutil.copytree(store, other)
+    shutil.copytree(trained, run)
+    config = json.loads((other / "feature_config.json").read_text())
+    (other / "feature_config.json").write_text(json.dumps({**config, "fmin": 80.0}))
+    with pytest.raises(UserError, match=r"other features than the run in .*: fmin: store 80.0 vs run 50.0$"):
+        train_vocoder(open_store(other), run, None, ["train.steps=5"], resume=True, quiet=True)
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["checkpoint-4.pt"]
 
 
 def test_saved_vocoder_reloads_to_identical_output(trained, store):
