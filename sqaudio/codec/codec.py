@@ -257,7 +257,7 @@ class _Input:
         stream = MelStream(self.path, codec.features, codec.logmel)  # pass 1 over the file
         self.samples = stream.samples
         self.frames = stream.frames - stream.frames % 2  # T even
-        self.latents = int(encoder_lengths(torch.tensor(self.frames)).item())
+        self.latents = encoder_lengths(self.frames)
         if self.latents < 1:
             raise UserError(f"{path}: too short for one latent frame")
         chunks = stream.chunks()  # pass 2 over the file (lazy), the last one

@@ -2,23 +2,31 @@
 
 Masks make variable-length batches exact: padded positions are zeroed after every layer (so the next conv
 sees the zero padding a lone utterance would see), BatchNorm statistics count valid positions only, jitter
-stays inside each utterance and the GRU runs on packed sequences.
+stays inside each utterance and each GRU direction runs within its utterance's length (`masked_bigru`).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sqaudio.config import SpeechModelConfig
 from sqaudio.distributed import active, sum_all
 from sqaudio.models import noise
 
+# On CUDA the fused parameters of a layer (`masked_bigru`) are not a flattened cuDNN buffer, so cuDNN copies them
+# (a few hundred kB) at each call and says so in a UserWarning; that copy is cheap and expected here, so the
+# warning is silenced for calls from this module only.
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk",
+                        category=UserWarning, module=__name__)
 
-def encoder_lengths(frames: Tensor) -> Tensor:
-    """Latent positions for inputs of `frames` frames: conv k3 (no pad), then k4 stride 2 pad 1."""
-    return torch.div(frames - 2 - 4 + 2, 2, rounding_mode="floor") + 1
+
+def encoder_lengths(frames: Tensor | int) -> Tensor | int:
+    """Latent positions for inputs of `frames` frames (a tensor or a Python int, answered in kind): conv k3 (no
+    pad), then k4 stride 2 pad 1."""
+    return (frames - 2 - 4 + 2) // 2 + 1
 
 
 def length_mask(lengths: Tensor, size: int) -> Tensor:
@@ -110,6 +118,67 @@ class Jitter(nn.Module):
         return torch.gather(z, 2, index[:, None, :].expand(-1, dim, -1))
 
 
+def reversal_index(lengths: Tensor, size: int) -> Tensor:
+    """(B,) lengths -> (B, size) positions that reverse each row within its length (padding stays in place).
+
+    The map is its own inverse, so gathering with it twice restores the order.
+    """
+    position = torch.arange(size, device=lengths.device)[None, :]
+    return torch.where(position < lengths[:, None], lengths[:, None] - 1 - position, position)
+
+
+def _gather_time(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, T, C) reordered along time by index (B, T)."""
+    return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def _paired(forward: Tensor, backward: Tensor, hidden: int) -> Tensor:
+    """Two directions' gate-stacked (r, z, n) rows (3H, ...) interleaved gate by gate -> (6H, ...): the layout of
+    one GRU of width 2H whose units 0..H-1 are `forward`'s and H..2H-1 `backward`'s."""
+    return torch.stack([forward.unflatten(0, (3, hidden)), backward.unflatten(0, (3, hidden))], dim=1).flatten(0, 2)
+
+
+def _block_diagonal(forward: Tensor, backward: Tensor, hidden: int) -> Tensor:
+    """Two directions' weights (3H, A) and (3H, B) -> (6H, A + B): forward units read the first A inputs, backward
+    units the last B (exact zeros elsewhere)."""
+    return _paired(F.pad(forward, (0, backward.shape[1])), F.pad(backward, (forward.shape[1], 0)), hidden)
+
+
+def _fused_layer(rnn: nn.GRU, layer: int) -> list[Tensor]:
+    """Layer `layer` of bidirectional `rnn` as the parameters of one unidirectional GRU of width 2 H."""
+    def both(name: str) -> tuple[Tensor, Tensor, int]:
+        own = f"{name}_l{layer}"
+        return getattr(rnn, own), getattr(rnn, own + "_reverse"), rnn.hidden_size
+
+    return [_block_diagonal(*both("weight_ih")), _block_diagonal(*both("weight_hh")),
+            _paired(*both("bias_ih")), _paired(*both("bias_hh"))]
+
+
+def masked_bigru(rnn: nn.GRU, x: Tensor, lengths: Tensor) -> Tensor:
+    """A batch-first bidirectional `rnn` (no dropout) over x (B, T, I) padded after each row's length.
+
+    Equal, at valid positions, to running `rnn` on the packed sequences, without moving lengths to the host:
+    the forward direction is causal, so padding after a row's end never reaches its valid outputs; the backward
+    direction runs forward in time over each row reversed within its length, and its outputs are reversed back.
+    Outputs at padded positions are unspecified.
+
+    Each layer's two directions run as one GRU of width 2 H on [x, x reversed]: its weights are `rnn`'s own
+    parameters of that layer placed block-diagonally (the exact zeros off the blocks change no sum), so each unit
+    computes exactly its direction's recurrence, gradients reach `rnn`'s parameters (same state-dict keys), and a
+    layer takes T sequential steps, not 2 T: on a CPU a small batch is bound by the operations of each step, not
+    their arithmetic. `torch.gru` is the public op nn.GRU itself calls (cuDNN on CUDA, ATen's loop on the CPU), so
+    no module is swapped (as `torch.func.functional_call` would) and no Python loop runs over time.
+    """
+    index = reversal_index(lengths, x.shape[1])
+    hidden = rnn.hidden_size
+    for layer in range(rnn.num_layers):
+        both = torch.cat([x, _gather_time(x, index)], dim=-1)
+        h0 = both.new_zeros(1, both.shape[0], 2 * hidden)
+        out, _ = torch.gru(both, h0, _fused_layer(rnn, layer), True, 1, 0.0, rnn.training, False, True)
+        x = torch.cat([out[..., :hidden], _gather_time(out[..., hidden:], index)], dim=-1)
+    return x
+
+
 class SpeechDecoder(nn.Module):
     """Latents (B, D, T') + speaker ids (B,) -> log-mel (B, n_mels, 2 T').
 
@@ -129,9 +198,5 @@ class SpeechDecoder(nn.Module):
         z = F.interpolate(z, scale_factor=2.0, mode="nearest").transpose(1, 2)  # (B, 2T', D)
         spk = self.speaker_embedding(speakers)[:, None, :].expand(-1, z.shape[1], -1)
         x = torch.cat([z, spk], dim=-1)
-        if lengths is None:
-            x, _ = self.rnn(x)
-        else:
-            packed = pack_padded_sequence(x, (2 * lengths).cpu(), batch_first=True, enforce_sorted=False)
-            x, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=z.shape[1])
+        x = self.rnn(x)[0] if lengths is None else masked_bigru(self.rnn, x, 2 * lengths)
         return self.fc(x).transpose(1, 2)  # (B, n_mels, 2T')

@@ -152,7 +152,7 @@ class SpeechSQVAE(SQVAE):
 
     def _target(self, batch, latent_lengths):
         mel = batch["mel"]
-        out_frames = 2 * encoder_lengths(torch.tensor(mel.shape[-1])).item()
+        out_frames = 2 * encoder_lengths(mel.shape[-1])
         target = mel[:, :, 1:1 + out_frames]
         if latent_lengths is None:
             return target, None

@@ -36,8 +36,10 @@ class VQEMA(Quantizer):
     Codebook starts uniform in +-1/K. In training mode each forward updates, from valid positions only:
     N_k <- decay N_k + (1 - decay) n_k (then Laplace-smoothed with epsilon), m_k <- decay m_k + (1 - decay)
     sum z, e_k = m_k / N_k. With vq_reset_threshold > 0, codes whose N_k falls below it are set to random
-    valid encoder outputs of the batch (N_k = threshold). Under torch.distributed the counts and sums are
-    all-reduced and reset vectors come from rank 0, so replicas keep one codebook.
+    valid encoder outputs of the batch (N_k = threshold); a batch without valid positions resets nothing.
+    Under torch.distributed the counts and sums are all-reduced and reset vectors come from rank 0, so
+    replicas keep one codebook. The update reads no tensor value on the host: padding enters as zero weights
+    and the reset draws one candidate per code and applies it where the code is dead (fixed shapes).
 
     Args:
         cfg: quantizer config (codebook_size, dim, vq_decay, vq_epsilon, vq_beta, vq_reset_threshold,
@@ -73,31 +75,36 @@ class VQEMA(Quantizer):
         commit = self._commitment(torch.where(valid, (z - nearest).square().sum(-1), 0.0), valid, dim)
         if self.training:
             with torch.no_grad():
-                self._ema_update(flat[valid.reshape(-1)], codes[valid])
+                self._ema_update(flat, codes.reshape(-1), valid.reshape(-1))
         z_q = z + (nearest - z).detach()                           # straight-through
         perplexity, used = code_usage(sum_all(code_counts(codes, valid, self.codebook_size)))
         return z_q, codes, {"commitment": self.beta * commit}, {"perplexity": perplexity, "used_codes": used}
 
-    def _ema_update(self, z: Tensor, codes: Tensor) -> None:
-        """EMA codebook update from valid encoder outputs z (M, D) and their codes (M,)."""
-        onehot = F.one_hot(codes, self.codebook_size).to(z.dtype)  # (M, K)
-        counts, sums = sum_all(onehot.sum(0)), sum_all(onehot.t() @ z)  # (K,), (K, D)
+    def _ema_update(self, z: Tensor, codes: Tensor, valid: Tensor) -> None:
+        """EMA codebook update from encoder outputs z (M, D), their codes (M,) and validity (M,) bool."""
+        weights = z.new_zeros(z.shape[0], self.codebook_size)      # (M, K): one-hot rows, 0 where padded
+        weights.scatter_(1, codes.unsqueeze(1), valid.to(z.dtype).unsqueeze(1))
+        counts, sums = sum_all(weights.sum(0)), sum_all(weights.t() @ z)  # (K,), (K, D)
         count = self.decay * self.ema_count + (1 - self.decay) * counts.to(self.ema_count)
         total = count.sum()
         self.ema_count.copy_((count + self.epsilon) / (total + self.codebook_size * self.epsilon) * total)
         self.ema_weight.mul_(self.decay).add_((1 - self.decay) * sums.to(self.ema_weight))
         self.codebook.copy_(self.ema_weight / self.ema_count.unsqueeze(-1))
         if self.reset_threshold > 0 and z.shape[0] > 0:
-            self._reset_dead_codes(z)
+            self._reset_dead_codes(z, valid)
 
-    def _reset_dead_codes(self, z: Tensor) -> None:
-        dead = self.ema_count < self.reset_threshold               # (K,)
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        picks = torch.randint(0, z.shape[0], (n_dead,), device=z.device)
-        fresh = broadcast(z[picks].to(self.codebook))              # (n_dead, D): every replica takes rank 0's
-        self.codebook[dead] = fresh
-        self.ema_weight[dead] = fresh * self.reset_threshold
-        self.ema_count[dead] = self.reset_threshold
-
+    def _reset_dead_codes(self, z: Tensor, valid: Tensor) -> None:
+        """Codes with N_k < threshold take a uniformly drawn valid row of z (rank 0's draw) and N_k = threshold."""
+        seen = valid.long().cumsum(0)                              # (M,) valid rows up to each row
+        n_valid = seen[-1]
+        nth = (torch.rand(self.codebook_size, dtype=torch.float64, device=z.device) * n_valid).long()
+        nth = torch.minimum(nth, n_valid - 1)                      # (K,) which valid row, 0 .. n_valid - 1
+        picks = torch.searchsorted(seen, nth, right=True)          # (K,) its row in z (row 0 if none is valid)
+        picked_valid = valid.index_select(0, picks).to(z.dtype).unsqueeze(1)
+        candidates = torch.cat([z.index_select(0, picks), picked_valid], 1)
+        candidates = broadcast(candidates.to(self.codebook))       # (K, D + 1): rows and validity from rank 0
+        fresh, ok = candidates[:, :-1], candidates[:, -1] > 0      # ok: False only without valid positions
+        reset = (self.ema_count < self.reset_threshold) & ok
+        self.codebook.copy_(torch.where(reset.unsqueeze(1), fresh, self.codebook))
+        self.ema_weight.copy_(torch.where(reset.unsqueeze(1), fresh * self.reset_threshold, self.ema_weight))
+        self.ema_count.copy_(torch.where(reset, self.reset_threshold, self.ema_count))

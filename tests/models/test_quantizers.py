@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sqaudio.config import QuantizerConfig
 from sqaudio.errors import UserError
@@ -352,13 +353,18 @@ def test_vq_ema_padding_does_not_touch_codebook():
         torch.testing.assert_close(value, padded[name])
 
 
-def test_vq_ema_dead_code_reset():
-    q = make("vq_ema", vq_decay=0.9, vq_reset_threshold=0.05).train()
+def _with_dead_codes(q):
+    """Codes 3.. far away and rarely used (N_k = 0.01): dead under a reset threshold of 0.05."""
     with torch.no_grad():
-        q.codebook[3:] += 100.0                               # far away and rarely used: dead
+        q.codebook[3:] += 100.0
         q.ema_count.fill_(1.0)
         q.ema_count[3:] = 0.01
         q.ema_weight.copy_(q.codebook * q.ema_count.unsqueeze(1))
+    return q
+
+
+def test_vq_ema_dead_code_reset():
+    q = _with_dead_codes(make("vq_ema", vq_decay=0.9, vq_reset_threshold=0.05).train())
     (za, _), (zb, _), (z, _, mask) = _padded_pair(q, fill=1e3)
     torch.manual_seed(0)
     q(z, None, mask)
@@ -368,14 +374,80 @@ def test_vq_ema_dead_code_reset():
         assert bool(matches.any()) == (k >= 3), k            # dead codes now sit on valid encoder outputs
     assert (q.ema_count[3:] == 0.05).all()
     torch.testing.assert_close(q.ema_weight[3:], q.codebook[3:] * 0.05)
-    off = make("vq_ema", vq_decay=0.9).train()
-    with torch.no_grad():
-        off.codebook[3:] += 100.0
-        off.ema_count.fill_(1.0)
-        off.ema_count[3:] = 0.01
-        off.ema_weight.copy_(off.codebook * off.ema_count.unsqueeze(1))
+    off = _with_dead_codes(make("vq_ema", vq_decay=0.9).train())
     off(z, None, mask)
     assert (off.codebook[3:].abs() > 50).all()                # without reset they stay dead
+    for name in ["codebook", "ema_weight", "ema_count"]:      # live codes: exactly the plain EMA update
+        assert torch.equal(getattr(q, name)[:3], getattr(off, name)[:3]), name
+    assert q.codebook[3:].unique(dim=0).shape[0] > 1          # each dead code draws its own row
+
+
+def test_vq_ema_reset_without_valid_positions_changes_nothing():
+    q = _with_dead_codes(make("vq_ema", vq_decay=0.9, vq_reset_threshold=0.05).train())
+    off = _with_dead_codes(make("vq_ema", vq_decay=0.9).train())
+    _, _, (z, _, mask) = _padded_pair(q, fill=float("nan"))
+    with torch.no_grad():
+        z.fill_(float("nan"))
+    for quantizer in (q, off):
+        quantizer(z, None, torch.zeros_like(mask))
+    for name in ["codebook", "ema_weight", "ema_count"]:
+        assert torch.isfinite(getattr(q, name)).all() and torch.equal(getattr(q, name), getattr(off, name)), name
+    assert (q.ema_count[3:] < 0.05).all()                     # still dead: nothing to reset them to
+
+
+def test_vq_ema_update_equals_the_boolean_indexed_formula():
+    """Masks enter as weights: the EMA statistics equal those of the valid rows selected by boolean indexing."""
+    q = make("vq_ema", vq_decay=0.9, vq_epsilon=1e-5).train()
+    count0, weight0 = q.ema_count.clone(), q.ema_weight.clone()
+    _, _, (z, _, mask) = _padded_pair(q, fill=1e3)
+    codes = q(z, None, mask).codes[mask]                      # (M,) codes of the valid positions
+    x = z.detach().movedim(1, -1)[mask]                       # (M, D)
+    onehot = F.one_hot(codes, K).to(x.dtype)
+    count = 0.9 * count0 + (1 - 0.9) * onehot.sum(0)
+    total = count.sum()
+    count = (count + 1e-5) / (total + K * 1e-5) * total
+    weight = weight0 * 0.9 + (1 - 0.9) * (onehot.t() @ x)
+    assert torch.equal(q.ema_count, count)
+    torch.testing.assert_close(q.ema_weight, weight, rtol=1e-14, atol=1e-16)
+    torch.testing.assert_close(q.codebook, weight / count.unsqueeze(1), rtol=1e-14, atol=1e-16)
+
+
+class HostReads(TorchDispatchMode):
+    """Records the aten ops that read tensor values on the host (a device synchronisation on CUDA)."""
+
+    READS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::item",
+             "aten::is_nonzero", "aten::equal", "aten::_unique2", "aten::unique_consecutive"}
+    INDEXING = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masks = name in self.INDEXING and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                              for i in args[1])
+        if name in self.READS or masks:
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_read_probe_sees_masks_and_scalars():
+    x = torch.arange(4.0)
+    with HostReads() as probe:
+        x[x > 1].sum(), int(x.sum()), x.nonzero()
+    assert len(probe.found) == 3, probe.found
+
+
+@pytest.mark.parametrize("reset", [0.0, 0.05])
+def test_vq_ema_training_step_reads_no_tensor_on_the_host(reset):
+    q = _with_dead_codes(make("vq_ema", vq_decay=0.9, vq_reset_threshold=reset).train())
+    _, _, (z, _, mask) = _padded_pair(q)
+    with HostReads() as probe:
+        out = q(z, None, mask)
+        sum(out.losses.values()).backward()
+    assert probe.found == []
+    assert z.grad is not None and (q.ema_count >= reset).all()   # with a threshold the dead codes were reset
 
 
 # ---------------------------------------------------------------- fixed variance, vMF

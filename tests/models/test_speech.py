@@ -1,8 +1,9 @@
 """Speech model: masks make a padded batch equal to its utterances one by one."""
+import pytest
 import torch
 
 from sqaudio.config import Recipe, load_recipe
-from sqaudio.models.speech import MaskedBatchNorm1d, encoder_lengths
+from sqaudio.models.speech import MaskedBatchNorm1d, encoder_lengths, length_mask, masked_bigru, reversal_index
 from sqaudio.models.sqvae import build_model
 
 
@@ -92,3 +93,44 @@ def test_jitter_copies_only_neighbours_inside_each_utterance():
             assert torch.all(src <= n - 1) and torch.all(src >= 0)
             assert torch.all((src - torch.arange(float(n))).abs() <= 1)
     assert torch.equal(Jitter(0.5).eval()(z, lengths), z)
+
+
+def _packed_bigru(rnn, x, lengths):
+    """The reference: the bidirectional GRU on packed sequences (lengths on the host), padded back with zeros."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    return pad_packed_sequence(rnn(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+
+
+@pytest.mark.parametrize("lengths", [[9, 1, 2, 5], [7, 7, 7], [1], [2, 1]])
+def test_masked_bigru_equals_packed_gru_in_outputs_and_gradients(lengths):
+    """Valid outputs and the gradients (input, every parameter) equal the packed GRU's, whatever the padding holds."""
+    torch.manual_seed(0)
+    rnn = torch.nn.GRU(5, 4, num_layers=2, batch_first=True, bidirectional=True).double()
+    lengths = torch.tensor(lengths)
+    mask = length_mask(lengths, int(lengths.max()))[:, :, None]
+    results = []
+    for run in (masked_bigru, _packed_bigru):
+        x = torch.randn(mask.shape[:2] + (5,), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x = torch.where(mask, x, torch.full_like(x, 1e3)).requires_grad_()  # garbage in the padding
+        out = run(rnn, x, lengths)
+        weight = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        (out * weight * mask).sum().backward()
+        results.append([out * mask, x.grad] + [p.grad.clone() for p in rnn.parameters()])
+        rnn.zero_grad()
+    names = ["output", "input grad"] + [name for name, _ in rnn.named_parameters()]
+    for name, got, want in zip(names, *results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_reversal_index_reverses_each_row_within_its_length():
+    index = reversal_index(torch.tensor([3, 1, 4]), 4)
+    assert index.tolist() == [[2, 1, 0, 3], [0, 1, 2, 3], [3, 2, 1, 0]]
+
+
+def test_full_length_utterances_decode_like_crops():
+    """With every length equal to the padded size, the per-layer fused GRU gives the plain nn.GRU call's output."""
+    model = build_model(tiny_recipe()).eval()
+    z, speakers = torch.randn(2, 8, 6), torch.tensor([0, 2])
+    torch.testing.assert_close(model.decode(z, speakers, torch.tensor([6, 6])), model.decode(z, speakers))
