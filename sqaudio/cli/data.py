@@ -14,8 +14,8 @@ from sqaudio.errors import UserError
 def prepare(
     corpus_dir: Path = typer.Argument(..., help="Corpus folder: VCTK 0.80/0.92 (holding wav48/ or wav48_silence_trimmed/), "
                                                 "ZeroSpeech 2019 (holding english/), or <speaker>/ folders of audio."),
-    out_dir: Path = typer.Argument(..., help="Feature store to write (manifest.jsonl, features/, feature_config.json, "
-                                             "speakers.json, skipped.jsonl). Re-running resumes."),
+    out_dir: Path = typer.Argument(..., help="Feature store to write (manifest.jsonl, features/, packed/, "
+                                             "feature_config.json, speakers.json, skipped.jsonl). Re-running resumes."),
     corpus: str = typer.Option("auto", "--corpus", help="Layout: auto (detect and say what was found), vctk, "
                                                         "zerospeech2019 or folder."),
     mic: int = typer.Option(1, "--mic", help="VCTK 0.92 microphone, 1 or 2; utterances without it are skipped and counted."),
@@ -35,6 +35,9 @@ def prepare(
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: prepare only part i of n (0-based) of the corpus, "
                                          "split deterministically; join the shard outputs with `sqaudio merge-stores`."),
     device: str = typer.Option("cpu", "--device", help="cpu, or e.g. cuda: features computed there in batches."),
+    batch_seconds: Optional[float] = typer.Option(None, "--batch-seconds", help="With --device other than cpu: the "
+                                                  "most padded audio in one batch there, in seconds (default 600; "
+                                                  "a batch that runs out of memory is halved and retried)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or summary tables."),
 ) -> None:
     """Compute the paper's log-mel features of a corpus (parallel, resumable) into a feature store."""
@@ -45,7 +48,8 @@ def prepare(
 
     features = _feature_options(recipe, overrides)
     options = PrepareOptions(layout=corpus, mic=mic, test_fraction=test_fraction, seed=seed, split_files=split_files,
-                             workers=workers, shard=_parse_shard(shard), device=device, quiet=quiet)
+                             workers=workers, shard=_parse_shard(shard), device=device,
+                             batch_seconds=batch_seconds, quiet=quiet)
     received = [signal.SIGINT]
 
     def terminate(signum, frame):  # SIGTERM stops like Ctrl-C (finished utterances kept), exit 128 + 15

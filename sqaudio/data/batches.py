@@ -5,6 +5,7 @@ permutations (crop mode, images) or of shuffled length buckets (whole-utterance 
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -18,12 +19,16 @@ from sqaudio.errors import UserError
 
 
 class FeatureSource(Protocol):
-    """What batches read of a feature store (`sqaudio.data.store.Store`): its folder and its manifest entries.
-    Named here, not imported, so that loading batches does not load the store's reader and writer."""
+    """What batches read of a feature store (`sqaudio.data.store.Store`): its manifest entries, one feature file,
+    and a split's pack. Named here, not imported, so that loading batches does not load the store's writers."""
 
     root: Path
 
     def split(self, name: str) -> list[dict[str, Any]]: ...
+
+    def load(self, entry: dict[str, Any], mmap: bool = False) -> np.ndarray: ...
+
+    def packed(self, split: str, build: bool = False) -> Any: ...
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
@@ -35,47 +40,79 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
 
 
 class SpeechItems:
-    """Utterances of one split; `item(i, g, frames)` returns a crop of `frames` frames (or the whole).
+    """Utterances of some entries, read from their split's pack (one memory map per split, opened on first read
+    in each process) or, for an entry outside any pack, from its own feature file.
+
+    `window(i, g, frames)` picks a crop of `frames` frames (or the whole utterance); `batch` reads and pads them.
 
     Args:
         store: the prepared feature store.
         entries: manifest entries to use.
         speakers: speaker table (index = embedding row).
+        packs: split -> `sqaudio.data.store.Pack` (path, id -> first row); {} reads every utterance's own file.
     """
 
-    def __init__(self, store: FeatureSource, entries: list[dict[str, Any]], speakers: list[str]):
-        self.store, self.entries = store, entries
-        self.index = {s: i for i, s in enumerate(speakers)}
+    def __init__(self, store: FeatureSource, entries: list[dict[str, Any]], speakers: list[str],
+                 packs: dict[str, Any] | None = None):
+        index = {s: i for i, s in enumerate(speakers)}
+        self.store, self.entries, self.packs = store, entries, {k: v for k, v in (packs or {}).items() if v}
+        self.frames = [int(e["frames"]) for e in entries]
+        self.speakers = [index[e["speaker"]] for e in entries]
+        self.rows = [self._row(e) for e in entries]  # (split, first row) in a pack, or None
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def _row(self, entry: dict[str, Any]) -> tuple[str, int] | None:
+        pack = self.packs.get(entry["split"])
+        first = pack.rows.get(entry["id"]) if pack else None
+        return None if first is None else (entry["split"], first)
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def item(self, i: int, g: torch.Generator | None = None, frames: int | None = None) -> dict[str, Tensor]:
-        entry = self.entries[i]
-        path = self.store.root / entry["features"]
-        try:
-            mel = np.load(path, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as err:
-            raise UserError(f"cannot read features {path} (entry {entry.get('id')}): {err}; re-run prepare") from None
-        total = mel.shape[-1]
-        if frames is not None and total > frames:
-            # the reference draws start in [0, total - frames - 1]
-            start = int(torch.randint(0, total - frames, (1,), generator=g)) if g is not None else 0
-            mel = mel[:, start:start + frames]
-        return {"mel": torch.from_numpy(np.array(mel, dtype=np.float32)),
-                "speaker": torch.tensor(self.index[entry["speaker"]])}
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": {}}  # a process opens its own maps (a pickled map would copy the data)
 
+    def window(self, i: int, g: torch.Generator | None = None, frames: int | None = None) -> tuple[int, int, int]:
+        """(item, start, length): a crop of `frames` frames at a start drawn from `g` (0 without), or the whole."""
+        total = self.frames[i]
+        if frames is None or total <= frames:
+            return i, 0, total
+        # the reference draws start in [0, total - frames - 1]
+        start = int(torch.randint(0, total - frames, (1,), generator=g)) if g is not None else 0
+        return i, start, frames
 
-def collate_speech(items: list[dict[str, Tensor]], with_lengths: bool) -> dict[str, Tensor]:
-    """Pad mels to the longest (zeros); lengths are included for whole-utterance batches."""
-    lengths = torch.tensor([item["mel"].shape[-1] for item in items])
-    mel = torch.zeros(len(items), items[0]["mel"].shape[0], int(lengths.max()))
-    for row, item in zip(mel, items):
-        row[:, : item["mel"].shape[-1]] = item["mel"]
-    batch = {"mel": mel, "speaker": torch.stack([item["speaker"] for item in items])}
-    if with_lengths:
-        batch["lengths"] = lengths
-    return batch
+    def read(self, i: int, start: int, length: int) -> np.ndarray:
+        """Frames [start, start + length) of item i: (n_mels, length), a view of the pack or of the file."""
+        where = self.rows[i]
+        if where is None:
+            return self.store.load(self.entries[i], mmap=True)[:, start:start + length]
+        split, first = where
+        return self._array(split)[first + start:first + start + length].T
+
+    def _array(self, split: str) -> np.ndarray:
+        if split not in self._arrays:
+            path = self.packs[split].path
+            try:
+                self._arrays[split] = np.asarray(np.load(path, mmap_mode="r"))  # a plain view slices faster
+            except (OSError, ValueError, EOFError) as err:
+                raise UserError(f"cannot read features {path}: {err}; re-run prepare") from None
+        return self._arrays[split]
+
+    def batch(self, windows: list[tuple[int, int, int]], with_lengths: bool) -> dict[str, Tensor]:
+        """The windows' mels padded with zeros to the longest, their speakers (and lengths, for masking)."""
+        lengths = [length for _, _, length in windows]
+        views = [self.read(*window) for window in windows]
+        mel = np.zeros((len(views), views[0].shape[0], max(lengths)), dtype=np.float32)
+        for row, view, length in zip(mel, views, lengths):
+            row[:, :length] = view
+        batch = {"mel": torch.from_numpy(mel), "speaker": torch.tensor([self.speakers[i] for i, _, _ in windows])}
+        if with_lengths:
+            batch["lengths"] = torch.tensor(lengths)
+        return batch
+
+    def crops(self, pairs: list[tuple[int, torch.Generator]], frames: int, with_lengths: bool) -> dict[str, Tensor]:
+        """`StepBatches` fetch: a window of at most `frames` frames of each (item, RNG), as one batch."""
+        return self.batch([self.window(i, g, frames) for i, g in pairs], with_lengths)
 
 
 def collate_images(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -106,12 +143,13 @@ class StepBatches(Dataset):
     def indices(self, step: int) -> list[int]:
         if self.buckets:
             epoch, pos = divmod(step, len(self.buckets))
-            order = torch.randperm(len(self.buckets), generator=step_generator(self.seed, 1, epoch))
-            return list(self.buckets[int(order[pos])])
-        out = []
-        for k in range(step * self.batch_size, (step + 1) * self.batch_size):
+            return list(self.buckets[_permutation(len(self.buckets), self.seed, epoch, stream=1)[pos]])
+        out, k, end = [], step * self.batch_size, (step + 1) * self.batch_size
+        while k < end:  # positions k..end-1 of the endless stream of epoch permutations
             epoch, pos = divmod(k, self.n_items)
-            out.append(int(_permutation(self.n_items, self.seed, epoch)[pos]))
+            take = min(end - k, self.n_items - pos)
+            out += _permutation(self.n_items, self.seed, epoch)[pos:pos + take]
+            k += take
         return out
 
     def global_size(self, step: int) -> int:
@@ -126,14 +164,15 @@ class StepBatches(Dataset):
         return self.fetch([(i, step_generator(self.seed, 2, step, pos)) for pos, i in positions])
 
 
-_PERM_CACHE: dict[tuple[int, int, int], Tensor] = {}
+_PERM_CACHE: dict[tuple[int, int, int, int], list[int]] = {}
 
 
-def _permutation(n: int, seed: int, epoch: int) -> Tensor:
-    key = (n, seed, epoch)
+def _permutation(n: int, seed: int, epoch: int, stream: int = 0) -> list[int]:
+    """The seeded order of one epoch (kept as a list: reading a tensor element costs microseconds)."""
+    key = (n, seed, epoch, stream)
     if key not in _PERM_CACHE:
         _PERM_CACHE.clear()
-        _PERM_CACHE[key] = torch.randperm(n, generator=step_generator(seed, 0, epoch))
+        _PERM_CACHE[key] = torch.randperm(n, generator=step_generator(seed, stream, epoch)).tolist()
     return _PERM_CACHE[key]
 
 
@@ -153,17 +192,21 @@ def length_buckets(lengths: list[int], max_items: int, max_frames: int) -> list[
 
 
 def speech_batches(store: FeatureSource, cfg: DataConfig, speakers: list[str], seed: int,
-                   rank: int = 0, world: int = 1) -> StepBatches:
-    """Training batches of speech: paper crops (`crop`) or whole utterances in length buckets (`utterance`)."""
+                   rank: int = 0, world: int = 1, packed: bool = True) -> StepBatches:
+    """Training batches of speech: paper crops (`crop`) or whole utterances in length buckets (`utterance`).
+
+    With `packed` (the default) they are read from the training split's pack, built first when missing or stale;
+    `packed=False` reads every utterance's own file (what a store that cannot be written gets). Same values."""
     train = store.split("train")
+    packs = {"train": store.packed("train", build=True)} if packed and train else {}
     if cfg.mode == "crop":
         need = cfg.sample_frames + 2
         usable = [e for e in train if e["frames"] > need]
         if not usable:
             raise UserError(f"no training utterance is longer than the {need} frames a crop needs "
                             f"(data.sample_frames={cfg.sample_frames} + 2 context frames)")
-        items = SpeechItems(store, usable, speakers)
-        fetch = lambda pairs: collate_speech([items.item(i, g, need) for i, g in pairs], with_lengths=False)  # noqa: E731
+        items = SpeechItems(store, usable, speakers, packs)
+        fetch = partial(items.crops, frames=need, with_lengths=False)
         return StepBatches(len(items), cfg.batch_size, seed, fetch, rank=rank, world=world)
     if cfg.mode == "utterance":
         usable = [e for e in train if e["frames"] >= 6]
@@ -172,11 +215,11 @@ def speech_batches(store: FeatureSource, cfg: DataConfig, speakers: list[str], s
         if len(usable) < world:
             raise UserError(f"utterance mode on {world} processes needs at least {world} training utterances "
                             f"(found {len(usable)})")
-        items = SpeechItems(store, usable, speakers)
+        items = SpeechItems(store, usable, speakers, packs)
         buckets = length_buckets([e["frames"] for e in usable], cfg.batch_size, cfg.max_frames)
         if len(buckets) > 1 and len(buckets[-1]) < cfg.batch_size:  # the short remainder joins its neighbour,
             buckets[-2:] = [buckets[-2] + buckets[-1]]                 # whatever the number of processes
-        fetch = lambda pairs: collate_speech([items.item(i, g, cfg.max_frames) for i, g in pairs], with_lengths=True)  # noqa: E731
+        fetch = partial(items.crops, frames=cfg.max_frames, with_lengths=True)
         return StepBatches(len(items), cfg.batch_size, seed, fetch, buckets=buckets, rank=rank, world=world)
     raise UserError(f"unknown data.mode '{cfg.mode}' (valid: crop, utterance)")
 
@@ -189,11 +232,10 @@ def image_batches(dataset, cfg: DataConfig, seed: int, rank: int = 0, world: int
 
 def eval_speech_batches(store: FeatureSource, entries: list[dict[str, Any]], speakers: list[str], batch_size: int,
                         max_frames: int = 4000):
-    """Whole utterances (frame count trimmed to even), in length buckets with lengths for masking."""
-    items = SpeechItems(store, entries, speakers)
+    """Whole utterances (frame count trimmed to even), in length buckets with lengths for masking; read from the
+    packs that exist and match the manifest, else file by file."""
+    packs = {split: store.packed(split) for split in sorted({e["split"] for e in entries})}
+    items = SpeechItems(store, entries, speakers, packs)
     lengths = [e["frames"] - e["frames"] % 2 for e in entries]
     for bucket in length_buckets(lengths, batch_size, max_frames):
-        batch = [items.item(i) for i in bucket]
-        for item, i in zip(batch, bucket):
-            item["mel"] = item["mel"][:, : lengths[i]]
-        yield [entries[i] for i in bucket], collate_speech(batch, with_lengths=True)
+        yield [entries[i] for i in bucket], items.batch([(i, 0, lengths[i]) for i in bucket], with_lengths=True)

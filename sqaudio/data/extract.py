@@ -1,12 +1,14 @@
 """Feature extraction for `prepare`: utterances -> feature files in the store, each giving a manifest entry or a skip.
 
 On the CPU each utterance is one job (in-process for one worker, else a forkserver process pool with one torch
-thread per worker). On an accelerator a thread pool reads and resamples audio a bounded window ahead while the
-features are computed there in batches. Audio that cannot give a valid feature is skipped with its reason, never a
-crash; an error writing the output (e.g. a full disk) is raised.
+thread per worker). On an accelerator a thread pool reads and resamples audio a bounded window ahead (in bytes)
+while the features are computed there in batches bounded by their padded samples; a batch that runs out of device
+memory is halved and retried. Audio that cannot give a valid feature is skipped with its reason, never a crash; an
+error writing the output (e.g. a full disk) is raised.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 import signal
 from collections import deque
@@ -14,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolE
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -24,9 +26,11 @@ from sqaudio.data.audio import AudioError, load_audio
 from sqaudio.data.corpora import Utterance
 from sqaudio.data.features import LogMel, log_mel_spectrogram
 from sqaudio.data.store import feature_path, write_feature
+from sqaudio.errors import UserError
 
 MIN_FRAMES = 4  # the speech encoder needs 4 frames for one latent
-DEVICE_BATCH = 32  # utterances per feature batch on an accelerator
+DEVICE_BATCH_SECONDS = 600.0  # padded audio per device batch (its log-mel peaks at ~1.1 GB, measured on the CPU)
+T = TypeVar("T")
 
 
 @dataclass
@@ -118,49 +122,117 @@ def run_jobs(todo: list[Utterance], out_dir: Path, cfg: FeatureConfig, workers: 
 
 
 def run_jobs_on_device(todo: list[Utterance], out_dir: Path, cfg: FeatureConfig, workers: int,
-                       device: torch.device) -> Iterator[Result]:
-    """Audio is read and resampled by a thread pool, at most 2 batches ahead (bounded memory); features are
-    computed on `device` in batches. On an error or Ctrl-C the queued reads are cancelled at once."""
+                       device: torch.device, batch_seconds: float = DEVICE_BATCH_SECONDS) -> Iterator[Result]:
+    """Audio is read and resampled by a thread pool (waiting results: under two batches' samples, plus what the
+    threads are reading); features are computed on `device` in batches of at most `batch_seconds` of padded audio,
+    in `todo`'s order (longest first), each batch halved and retried when the device runs out of memory. On an
+    error or Ctrl-C the queued reads are cancelled at once."""
     log_mel = LogMel(cfg).to(device)
+    max_samples = max(1, round(batch_seconds * cfg.sample_rate))
     pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        batch: list[tuple[Utterance, np.ndarray]] = []
-        for utt, wav in read_ahead(pool, todo, lambda u: (u, _load(u, cfg)), 2 * DEVICE_BATCH + workers):
+    skipped: list[Result] = []
+
+    def describe(pair: tuple[Utterance, np.ndarray]) -> str:
+        return f"{pair[0].path} ({pair[1].size / cfg.sample_rate:.0f} s)"
+
+    def audio() -> Iterator[tuple[Utterance, np.ndarray]]:
+        read = read_ahead(pool, todo, lambda u: (u, _load(u, cfg)), 4 * workers, _result_bytes, 8 * max_samples)
+        for utt, wav in read:
             if isinstance(wav, Result):
-                yield wav
-                continue
-            batch.append((utt, wav))
-            if len(batch) == DEVICE_BATCH:
-                yield from _store_batch(batch, log_mel, out_dir, cfg)
-                batch = []
-        yield from _store_batch(batch, log_mel, out_dir, cfg)
+                skipped.append(wav)
+            else:
+                yield utt, wav
+
+    try:
+        for batch in sample_batches(audio(), lambda pair: pair[1].size + cfg.n_fft, max_samples):
+            yield from skipped
+            skipped.clear()
+            mels = split_on_oom(lambda part: _features(part, log_mel), batch, describe, device)
+            for (utt, wav), mel in zip(batch, mels):
+                yield _store(utt, out_dir, cfg, wav, lambda m=mel: m)
+        yield from skipped
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # waits only for the reads already running
 
 
-def read_ahead(pool, items: list, fn, limit: int) -> Iterator[Any]:
-    """fn(item) for every item, in order, computed by `pool` with at most `limit` results not yet taken."""
-    pending, rest = deque(), iter(items)
-    for item in rest:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= limit:
-            break
-    while pending:
-        result = pending.popleft().result()
-        for item in rest:
-            pending.append(pool.submit(fn, item))
-            break
-        yield result
+def sample_batches(items: Iterable[T], length: Callable[[T], int], max_samples: int) -> Iterator[list[T]]:
+    """Consecutive items grouped so that each group padded to its longest (items x longest) holds at most
+    `max_samples`; an item longer than that is a group of its own. Every item once, in order."""
+    batch: list[T] = []
+    longest = 0
+    for item in items:
+        size = length(item)
+        if batch and (len(batch) + 1) * max(longest, size) > max_samples:
+            yield batch
+            batch, longest = [], 0
+        batch.append(item)
+        longest = max(longest, size)
+    if batch:
+        yield batch
 
 
-def _store_batch(batch: list[tuple[Utterance, np.ndarray]], log_mel: LogMel, out_dir: Path,
-                 cfg: FeatureConfig) -> Iterator[Result]:
-    if not batch:
-        return
+def split_on_oom(compute: Callable[[list[T]], list[Any]], batch: list[T], describe: Callable[[T], str],
+                 device: torch.device) -> list[Any]:
+    """compute(batch); when it raises torch.OutOfMemoryError, the cached device memory is freed and each half is
+    computed the same way. A single item that does not fit is a UserError naming it (`describe(item)`)."""
+    try:
+        return compute(batch)
+    except torch.OutOfMemoryError:
+        pass  # leave the handler first: its traceback holds the failed attempt's tensors
+    _free_cached(device)
+    if len(batch) == 1:
+        raise UserError(f"out of memory on {device} computing the features of {describe(batch[0])}: "
+                        "prepare with --device cpu")
+    half = len(batch) // 2
+    return (split_on_oom(compute, batch[:half], describe, device)
+            + split_on_oom(compute, batch[half:], describe, device))
+
+
+def _free_cached(device: torch.device) -> None:
+    if device.type != "cpu" and torch.accelerator.is_available():
+        torch.accelerator.empty_cache()
+
+
+def _features(batch: list[tuple[Utterance, np.ndarray]], log_mel: LogMel) -> list[np.ndarray]:
+    """The batch's log-mels, computed together on the LogMel's device and copied back: float32 (n_mels, frames)."""
     device = log_mel.fbank.device
     mels = log_mel.batch([torch.from_numpy(wav).to(device) for _, wav in batch])
-    for (utt, wav), mel in zip(batch, mels):
-        yield _store(utt, out_dir, cfg, wav, lambda m=mel: m.float().cpu().numpy())
+    return [mel.float().cpu().numpy() for mel in mels]
+
+
+def _result_bytes(result: tuple[Utterance, np.ndarray | Result]) -> int:
+    return result[1].nbytes if isinstance(result[1], np.ndarray) else 0
+
+
+_END = object()
+
+
+def read_ahead(pool, items: Iterable[Any], fn: Callable, limit: int, size: Callable[[Any], int] | None = None,
+               max_bytes: float = math.inf) -> Iterator[Any]:
+    """fn(item) for every item, in order, computed by `pool`. At most `limit` items are submitted and not finished;
+    with `size` (a result's bytes), none is submitted while the finished results not yet taken hold `max_bytes`, so
+    the results held stay under max_bytes plus `limit` results."""
+    pending: deque = deque()
+    running: set = set()
+    sizes: dict[Any, int] = {}
+    rest, held = iter(items), 0
+    while True:
+        for future in [f for f in running if f.done()]:
+            running.discard(future)
+            sizes[future] = size(future.result()) if size is not None and future.exception() is None else 0
+            held += sizes[future]
+        while len(running) < limit and held < max_bytes and (item := next(rest, _END)) is not _END:
+            future = pool.submit(fn, item)
+            pending.append(future)
+            running.add(future)
+        if not pending:
+            return
+        if pending[0] in running:
+            wait(running, return_when=FIRST_COMPLETED)
+            continue
+        head = pending.popleft()
+        held -= sizes.pop(head)
+        yield head.result()
 
 
 @contextmanager

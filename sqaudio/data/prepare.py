@@ -7,6 +7,7 @@ reason, never a crash.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from sqaudio.config import FeatureConfig, feature_mismatch
 from sqaudio.data.corpora import Listing, Utterance, list_corpus, unit_hash
-from sqaudio.data.extract import feature_file, run_jobs, run_jobs_on_device
+from sqaudio.data.extract import DEVICE_BATCH_SECONDS, feature_file, run_jobs, run_jobs_on_device
 from sqaudio.data.features import check_config
 from sqaudio.data.store import (
     SKIPPED,
@@ -53,6 +54,7 @@ class PrepareOptions:
         workers: processes (None: all cores available to this process).
         shard: (i, n): only the i-th of n deterministic parts of the corpus (merge with `merge_stores`).
         device: where features are computed; not "cpu": in batches there, audio read by `workers` threads.
+        batch_seconds: off the CPU, the most padded audio (seconds) in one device batch (None: 600, ~1 GB there).
         quiet: no progress bar and no tables.
     """
 
@@ -64,6 +66,7 @@ class PrepareOptions:
     workers: int | None = None
     shard: tuple[int, int] | None = None
     device: str = "cpu"
+    batch_seconds: float | None = None
     quiet: bool = False
 
 
@@ -110,13 +113,17 @@ def prepare(corpus_dir: str | Path, out_dir: str | Path, features: FeatureConfig
 
     Args:
         corpus_dir: the corpus folder (see sqaudio.data.corpora for the layouts).
-        out_dir: the store to write: manifest.jsonl, features/, feature_config.json, speakers.json, skipped.jsonl.
+        out_dir: the store to write: manifest.jsonl, features/, packed/, feature_config.json, speakers.json,
+            skipped.jsonl.
         features: the feature settings (default: the paper's).
         options: listing and processing options (default: PrepareOptions()).
         console: where the progress bar and tables go.
     """
     cfg = check_config(features or FeatureConfig())
     options = options or PrepareOptions()
+    batch_seconds = DEVICE_BATCH_SECONDS if options.batch_seconds is None else options.batch_seconds
+    if not (math.isfinite(batch_seconds) and batch_seconds > 0):
+        raise UserError(f"--batch-seconds must be a number of seconds > 0, got {batch_seconds}")
     device = pick_device(options.device)
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
@@ -150,7 +157,7 @@ def prepare(corpus_dir: str | Path, out_dir: str | Path, features: FeatureConfig
     with Journal(out_dir) as journal, _progress(console, options.quiet) as progress:
         task = progress.add_task("prepare", total=len(todo))
         jobs = (run_jobs(todo, out_dir, cfg, workers) if device.type == "cpu"
-                else run_jobs_on_device(todo, out_dir, cfg, workers, device))
+                else run_jobs_on_device(todo, out_dir, cfg, workers, device, batch_seconds))
         with closing(jobs):  # an error or Ctrl-C stops the jobs at once (no read of the rest of the corpus)
             for result in jobs:
                 if result.entry is not None:

@@ -9,16 +9,23 @@ OUT_DIR/
   speakers.json        sorted ids of the speakers with at least one *train* utterance (index = speaker embedding
                        row); speakers seen only in test (e.g. ZeroSpeech's test speakers) are not in it
   skipped.jsonl        files that were skipped: {source, reason} (+ id, speaker when known)
+  packed/<split>.npy   float32 (total frames, n_mels): the split's features concatenated in manifest order, frame
+                       major (a crop is one contiguous read), memory-mapped by training
+  packed/<split>.json  its index: fingerprint (of the split's manifest entries it was built from), ids, offsets
+                       (first row of each utterance), frames
   .prepare-journal.jsonl  only while a `prepare` run is unfinished: its finished entries, used to resume
 
 manifest.jsonl is written last (atomically), so a store with a manifest is complete; every file is replaced by
-rename, never written in place (see docs/data.md).
+rename, never written in place (see docs/data.md). A pack is trusted only when its index's fingerprint matches the
+manifest; a store without one (made before packs, or stale) gets it on first training use when it is writable.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,6 +43,7 @@ SPEAKERS = "speakers.json"
 SKIPPED = "skipped.jsonl"
 JOURNAL = ".prepare-journal.jsonl"  # finished entries of an unfinished run (removed when the manifest is written)
 FEATURES = "features"
+PACKED = "packed"
 
 
 @dataclass
@@ -57,9 +65,37 @@ class Store:
     def split(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.entries if e["split"] == name]
 
-    def load(self, entry: dict[str, Any]) -> np.ndarray:
-        """The (n_mels, frames) float32 feature of one manifest entry."""
-        return np.load(self.root / entry["features"])
+    def load(self, entry: dict[str, Any], mmap: bool = False) -> np.ndarray:
+        """The (n_mels, frames) float32 feature of one manifest entry (memory-mapped with `mmap`); a UserError names
+        a missing, unreadable or mis-shaped file."""
+        path = self.root / entry["features"]
+        try:
+            mel = np.load(path, mmap_mode="r" if mmap else None)
+        except (OSError, ValueError, EOFError) as err:
+            raise UserError(f"cannot read features {path} (entry {entry.get('id')}): {err}; re-run prepare") from None
+        expected = (self.features.n_mels, int(entry["frames"]))
+        if mel.dtype != np.float32 or mel.shape != expected:
+            raise UserError(f"cannot read features {path} (entry {entry.get('id')}): {mel.dtype} {mel.shape}, "
+                            f"expected float32 {expected}; re-run prepare")
+        return mel
+
+    def packed(self, split: str, build: bool = False) -> Pack | None:
+        """The split's pack when it matches the manifest; with `build`, a missing or stale one is written first
+        (a store that cannot be written gets None and one note: the features are then read file by file)."""
+        entries = self.split(split)
+        if not entries:
+            return None
+        fingerprint = entries_fingerprint(entries)
+        pack = read_pack(self.root, split, fingerprint, self.features.n_mels)
+        if pack is None and build:
+            try:
+                write_pack(self, split)
+            except OSError as err:
+                print(f"note: cannot write {self.root / PACKED}: {err}; reading features file by file (slower)",
+                      file=sys.stderr)
+                return None
+            pack = read_pack(self.root, split, fingerprint, self.features.n_mels)
+        return pack
 
     def source_path(self, entry: dict[str, Any]) -> Path:
         """The audio file the entry's features were computed from (a relative path: below the store); a UserError
@@ -80,6 +116,78 @@ class Store:
             return load_audio(source, self.features, entry.get("offset") or 0.0, entry.get("duration"))
         except AudioError as err:
             raise UserError(f"source audio {source} of '{entry['id']}': {err}") from None
+
+
+@dataclass(frozen=True)
+class Pack:
+    """One split's features in one array: packed/<split>.npy, float32 (total frames, n_mels).
+
+    Args:
+        path: the array file.
+        rows: utterance id -> the array row of its first frame.
+    """
+
+    path: Path
+    rows: dict[str, int]
+
+
+def entries_fingerprint(entries: list[dict[str, Any]]) -> str:
+    """A digest of manifest entries (every field, in order): a pack built from other entries is stale."""
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def _pack_paths(root: Path, split: str) -> tuple[Path, Path]:
+    """(array, index) files of a split's pack."""
+    return root / PACKED / f"{split}.npy", root / PACKED / f"{split}.json"
+
+
+def read_pack(root: Path, split: str, fingerprint: str, n_mels: int) -> Pack | None:
+    """The split's pack when its index carries `fingerprint` and its array has the indexed shape, else None."""
+    array_path, index_path = _pack_paths(root, split)
+    try:
+        index = json.loads(index_path.read_text())
+        if index["fingerprint"] != fingerprint:
+            return None
+        array = np.load(array_path, mmap_mode="r")
+        if array.dtype != np.float32 or array.shape != (sum(index["frames"]), n_mels):
+            return None
+        return Pack(array_path, dict(zip(index["ids"], index["offsets"])))
+    except (OSError, ValueError, EOFError, KeyError, TypeError):
+        return None
+
+
+def write_pack(store: Store, split: str) -> None:
+    """Concatenate the split's feature files into packed/<split>.npy (frame major), then write its index. Both are
+    replaced by rename, so processes building the same pack at once (DDP ranks) all end with a whole one."""
+    entries = store.split(split)
+    array_path, index_path = _pack_paths(store.root, split)
+    frames = [int(e["frames"]) for e in entries]
+    offsets = np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(int).tolist()
+
+    def fill(tmp: Path) -> None:
+        shape = (sum(frames), store.features.n_mels)
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        for entry, first, count in zip(entries, offsets, frames):
+            array[first:first + count] = store.load(entry, mmap=True).T
+        array.flush()
+        del array
+
+    atomic_write(array_path, fill)
+    index = {"fingerprint": entries_fingerprint(entries), "ids": [e["id"] for e in entries], "offsets": offsets,
+             "frames": frames}
+    _write_text(index_path, json.dumps(index))
+
+
+def write_packs(store: Store) -> None:
+    """Bring every split's pack up to date: written when missing or stale, removed for a split with no entries."""
+    folder = store.root / PACKED
+    splits = {e["split"] for e in store.entries} | {p.stem for p in folder.glob("*.json")}
+    for split in sorted(splits):
+        if not store.split(split):
+            for path in _pack_paths(store.root, split):
+                path.unlink(missing_ok=True)
+        elif store.packed(split) is None:
+            write_pack(store, split)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -210,22 +318,28 @@ class Journal:
 
 def write_store(root: Path, entries: Iterable[dict[str, Any]], skipped: list[dict[str, Any]],
                 features: FeatureConfig) -> Store:
-    """Write skipped list, speakers and (last) the manifest, each atomically, and drop the journal. The speaker
-    table holds the speakers with a training utterance. Returns the finished store."""
+    """Write skipped list, speakers, the packs and (last) the manifest, each atomically, and drop the journal. The
+    speaker table holds the speakers with a training utterance. Returns the finished store."""
     rows = sorted(entries, key=lambda e: (e["split"], e["speaker"], e["id"]))
     speakers = sorted({e["speaker"] for e in rows if e["split"] == "train"})
     _write_text(root / SKIPPED, "".join(json.dumps(s) + "\n" for s in skipped))
     _write_text(root / SPEAKERS, json.dumps(speakers, indent=1) + "\n")
+    store = Store(root, rows, features, speakers)
+    write_packs(store)
     _write_text(root / MANIFEST, "".join(json.dumps(e) + "\n" for e in rows))
     (root / JOURNAL).unlink(missing_ok=True)
-    return Store(root, rows, features, speakers)
+    return store
 
 
 def remove_orphans(store: Store) -> int:
-    """Delete feature files no manifest entry names (e.g. after the split settings changed) and stale temporaries;
-    returns how many."""
+    """Delete feature files no manifest entry names (e.g. after the split settings changed) and stale temporaries
+    (of packs too; the packs themselves are kept); returns how many."""
     keep = {e["features"] for e in store.entries}
+    packed = store.root / PACKED
     removed = 0
+    for path in packed.glob(".*.tmp") if packed.is_dir() else []:
+        path.unlink()
+        removed += 1
     features = store.root / FEATURES
     for path in features.rglob("*") if features.is_dir() else []:
         relative = path.relative_to(store.root).as_posix()

@@ -231,24 +231,6 @@ def test_demo_corpus_is_deterministic_speechlike_and_speakers_differ(tmp_path):
     assert pitches[1] > pitches[0] * 1.3  # a low and a high voice
 
 
-def test_prepare_device_path_reads_a_bounded_window_ahead_in_order():
-    from concurrent.futures import ThreadPoolExecutor
-
-    from sqaudio.data.extract import read_ahead
-
-    class Counting(ThreadPoolExecutor):
-        submitted = 0
-
-        def submit(self, fn, *args):
-            Counting.submitted += 1
-            return super().submit(fn, *args)
-
-    with Counting(3) as pool:
-        results = read_ahead(pool, list(range(50)), lambda i: i * i, 6)
-        assert next(results) == 0 and Counting.submitted == 7  # 6 in flight, one more after taking the first
-        assert list(results) == [i * i for i in range(1, 50)]
-
-
 def test_prepare_stopped_by_sigterm_exits_143_and_resumes(tmp_path):
     corpus = tmp_path / "corpus"
     for s in range(2):

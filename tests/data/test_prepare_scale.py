@@ -44,6 +44,9 @@ def test_shards_merge_into_the_single_run_store(cli, corpus, tmp_path):
     assert sum(sizes) == 24 and all(n > 0 for n in sizes)  # a partition: no utterance twice, none lost
     assert cli("merge-stores", tmp_path / "merged", *shards, "--quiet").exit_code == 0
     _same_store(tmp_path / "whole", tmp_path / "merged")
+    for split in ("train", "test"):  # the merged store is packed like a single run's
+        whole, merged = open_store(tmp_path / "whole").packed(split), open_store(tmp_path / "merged").packed(split)
+        assert merged is not None and np.array_equal(np.load(whole.path), np.load(merged.path))
     skipped = (tmp_path / "merged" / "skipped.jsonl").read_text().splitlines()
     assert len([line for line in skipped if "broken.wav" in line]) == 1
 
@@ -57,13 +60,16 @@ def test_bad_shard_and_device_are_one_line_errors(cli, corpus, tmp_path):
         assert result.exit_code == 2 and "not available" in result.output
 
 
-def test_batched_device_path_equals_the_per_file_path(corpus, tmp_path):
-    """The path used with --device cuda (threads read audio, features in batches), run here on the CPU."""
+@pytest.mark.parametrize("batch_seconds", [600.0, 1.5])
+def test_batched_device_path_equals_the_per_file_path(corpus, tmp_path, batch_seconds):
+    """The path used with --device cuda (threads read audio, features in batches bounded by their padded samples:
+    all in one, or one or two per batch), run here on the CPU."""
     cfg = FeatureConfig()
     todo = list_corpus(corpus, "folder").utterances
     per_file = {r.entry["id"]: r for r in run_jobs(todo, tmp_path / "a", cfg, 1) if r.entry}
-    batched = {r.entry["id"]: r for r in run_jobs_on_device(todo, tmp_path / "b", cfg, 2, torch.device("cpu"))
-               if r.entry}
+    results = list(run_jobs_on_device(todo, tmp_path / "b", cfg, 2, torch.device("cpu"), batch_seconds))
+    batched = {r.entry["id"]: r for r in results if r.entry}
+    assert len(results) == len(todo)  # every utterance once, a skip included
     assert per_file.keys() == batched.keys() and len(per_file) == 24
     for key, result in per_file.items():
         assert result == batched[key]
