@@ -349,6 +349,9 @@ def validate_recipe(recipe: Recipe) -> None:
     _check(0 <= q.vq_decay < 1, "quantizer.vq_decay", q.vq_decay, "in [0, 1)")
     _choice("model.kind", m.kind, ("speech", "vision"))
     _check(0 <= m.speech.jitter <= 1, "model.speech.jitter", m.speech.jitter, "in [0, 1]")
+    for key in ("channels", "speaker_dim", "rnn_hidden"):
+        _check(getattr(m.speech, key) >= 1, f"model.speech.{key}", getattr(m.speech, key), ">= 1")
+    _check(m.speech.n_speakers >= 0, "model.speech.n_speakers", m.speech.n_speakers, ">= 0 (0: the data's speakers)")
 
 
 def feature_mismatch(expected: FeatureConfig, found: FeatureConfig,

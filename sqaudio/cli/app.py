@@ -30,9 +30,17 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except (UserError, OSError) as err:
-            message = str(err) if isinstance(err, UserError) else _os_message(err)
-            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # one line
+            report(str(err) if isinstance(err, UserError) else _os_message(err))
             raise typer.Exit(2) from None
+
+
+def report(message: str) -> None:
+    """One red line on stderr; a rank started by `--devices` hands it to its launcher instead, which prints one
+    line for the whole job."""
+    from sqaudio.distributed import report_to_launcher
+
+    if not report_to_launcher(message):
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _os_message(err: OSError) -> str:

@@ -23,20 +23,17 @@ def train(
     devices: int = DEVICES_OPT,
 ) -> None:
     """Train an SQ-VAE (or a VQ-VAE baseline) from a recipe. Ctrl-C/SIGTERM saves and exits 128 + signal."""
-    from sqaudio.config import load_recipe, validate_recipe
+    from sqaudio.config import load_recipe
+    from sqaudio.training.sqvae import check_launch
     from sqaudio.training.sqvae import train as run_training
 
     cfg = load_recipe(recipe, overrides)
-    validate_recipe(cfg)
     if cfg.data.kind == "speech" and data is None:
         raise UserError("speech training needs --data FEATURES_DIR (the output of `sqaudio prepare`)")
-    if devices > 1:
+    if devices != 1:
         from sqaudio.distributed import relaunch
 
-        if cfg.data.kind == "speech":
-            from sqaudio.data.store import open_store
-
-            open_store(data)  # a bad --data is reported once, here, before any process starts
+        check_launch(cfg, data, devices, device, resume)  # reported once, before any process starts
         raise typer.Exit(relaunch(command, devices))
     result = run_training(cfg, data, out, resume=resume, device=device, quiet=quiet, overrides=overrides)
     if result.signal is not None:

@@ -30,16 +30,17 @@ def vocoder_train(
     """Train a GAN vocoder (HiFi-GAN by default) on the store's normalised log-mel -> 16 kHz waveform."""
     from sqaudio.codec.vocoders import load_vocoder_config
     from sqaudio.data.store import open_store
-    from sqaudio.training.vocoder import train_vocoder
+    from sqaudio.training.vocoder import check_launch, train_vocoder
 
     if resume and recipe is not None:
         raise UserError("--recipe cannot be combined with --resume (the run's saved config is used; "
                         "change settings such as train.steps with --set)")
-    store = open_store(features_dir)  # a bad store is reported once, here, before any process starts
+    store = open_store(features_dir)
     config = None if resume else load_vocoder_config(recipe or "hifigan", overrides)
-    if devices > 1:
+    if devices != 1:
         from sqaudio.distributed import relaunch
 
+        check_launch(store, config, devices, device)  # reported once, before any process starts
         raise typer.Exit(relaunch(command, devices))
     result = train_vocoder(store, out, config, overrides, resume, device, quiet)
     if result.signal is not None:  # stopped by SIGINT/SIGTERM after saving a checkpoint

@@ -33,17 +33,41 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RankExit(SystemExit):
-    """Leave a non-zero rank with exit code 2 without printing: rank 0 reports the shared error."""
+    """Leave a rank with exit code 2 without printing: another rank (or the launcher) reports the error."""
 
     def __init__(self):
         super().__init__(2)
 
 
+class SharedError(UserError):
+    """An error the ranks agreed on, reported by rank 0 alone (its message names a rank where that matters)."""
+
+
 def fail_together(message: str, ctx: distributed.Context) -> None:
-    """An error every rank reached at the same point: rank 0 prints it (one line), the others leave quietly."""
+    """An error every rank reached at the same point: rank 0 reports it (one line), the others leave quietly."""
     if ctx.is_main:
-        raise UserError(message)
+        raise SharedError(message)
     raise RankExit()
+
+
+@contextlib.contextmanager
+def together(ctx: distributed.Context) -> Iterator[None]:
+    """Checks that run on every rank with no collective inside: the ranks then compare their UserErrors (one
+    gather, a collective) and all stop when any failed. Rank 0 reports the lowest failing rank's error, with
+    "rank r: " in front unless every rank failed alike; one process raises its error as it is."""
+    message = None
+    try:
+        yield
+    except UserError as err:
+        if ctx.world == 1:
+            raise
+        message = str(err)
+    messages = distributed.gather_object(message)
+    failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        alike = len(failed) == ctx.world and all(other == text for _, other in failed)
+        fail_together(text if alike else f"rank {rank}: {text}", ctx)
 
 
 # ------------------------------------------------------------------ RNG streams (weights_only-safe)
@@ -175,12 +199,6 @@ class Process:
     ctx: distributed.Context
     seed: int = 0
 
-    def check_batch_size(self, batch_size: int, key: str) -> None:
-        """Every rank takes an equal slice of each global batch: fail together (before anything is written)
-        when `batch_size` does not split over the processes."""
-        if batch_size % self.ctx.world:
-            fail_together(f"{key} {batch_size} is not divisible by {self.ctx.world} processes", self.ctx)
-
     def seed_streams(self, seed: int) -> None:
         """The run's seed; this rank's torch/numpy/Python streams start from (seed, rank)."""
         self.seed = seed
@@ -199,14 +217,17 @@ class Process:
         """(step, batch on the device) for steps start..total-1 through a DataLoader.
 
         `dataset[step]` is the whole (rank-sliced) batch of that step, a pure function of (seed, step), so
-        workers, prefetching and resume change nothing about what a step sees.
+        workers, prefetching and resume change nothing about what a step sees. A UserError raised loading a
+        step, in a worker too, is raised here as it is (one line), when that step is reached.
         """
         cuda = self.dev.type == "cuda"
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, sampler=range(start, total), num_workers=workers, pin_memory=cuda,
-            prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
+            _Reporting(dataset), batch_size=None, sampler=range(start, total), num_workers=workers,
+            pin_memory=cuda, prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
             worker_init_fn=_quiet_worker, generator=torch.Generator())
         for step, batch in zip(range(start, total), loader):
+            if isinstance(batch, _Failed):
+                raise UserError(batch.message)
             yield step, to_device(batch, self.dev)
 
     def restore_rng(self, state: dict[str, Any], step: int) -> None:
@@ -224,6 +245,35 @@ class Process:
         """{"rng": rank 0's streams, "rng_ranks": every rank's} for a checkpoint (a collective)."""
         states = distributed.gather_object(rng_state(self.dev))
         return {"rng": states[0], "rng_ranks": states}
+
+
+def check_divisible(batch_size: int, world: int, key: str) -> None:
+    """Every rank takes an equal slice of each global batch: a UserError when `batch_size` (recipe key `key`)
+    does not split over `world` processes."""
+    if batch_size % world:
+        raise UserError(f"{key} {batch_size} is not divisible by {world} processes (--devices): each takes an "
+                        f"equal slice of the global batch")
+
+
+@dataclass
+class _Failed:
+    """What a DataLoader worker returns in place of a batch whose loading raised a UserError."""
+
+    message: str
+
+
+class _Reporting:
+    """`dataset[step]`, or a `_Failed` carrying the UserError it raised: the main process then raises that
+    error as it is (a worker's own exception would come back wrapped in its traceback)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, step: int):
+        try:
+            return self.dataset[step]
+        except UserError as err:
+            return _Failed(str(err))
 
 
 def to_device(batch, dev: torch.device):
@@ -255,24 +305,42 @@ def set_deterministic(on: bool) -> None:
 @contextlib.contextmanager
 def session(device: str | None, deterministic: bool = False) -> Iterator[Process]:
     """Pick the device and join torchrun's process group (one device per local rank); on leaving, tear the
-    group down (no barrier when leaving on an error). Under several processes a broken collective (a peer
-    failed and reported its own error) ends this rank quietly with exit code 2. Call `seed_streams` next."""
+    group down (no barrier when leaving on an error). Under several processes a UserError names its rank
+    (unless the ranks agreed on it: `together`), a collective past the timeout is a UserError too, and a
+    broken collective (a peer failed and is reported on its own) ends this rank quietly with exit code 2.
+    Call `seed_streams` next."""
     dev = pick_device(device)
     set_deterministic(deterministic)
     ctx = distributed.init_from_env(dev)
     ok = False
     try:
-        if dev.type == "cuda" and ctx.world > 1:
-            dev = torch.device("cuda", ctx.local_rank)
-            torch.cuda.set_device(dev)
-        yield Process(dev, ctx)
+        yield Process(_rank_device(dev, ctx), ctx)
         ok = True
+    except UserError as err:
+        if ctx.world == 1 or isinstance(err, SharedError):
+            raise
+        raise UserError(f"rank {ctx.rank}: {err}") from None
     except (RuntimeError, torch.distributed.DistError) as err:
+        if ctx.world > 1 and distributed.is_timeout(err):
+            raise UserError(f"rank {ctx.rank}: a collective waited more than {distributed.timeout().total_seconds():g}"
+                            f" s for the other processes ({distributed.TIMEOUT_ENV}): one is stuck or gone") from None
         if ctx.world > 1 and distributed.is_peer_failure(err):
             raise RankExit() from None
         raise
     finally:
         distributed.shutdown(wait=ok)
+
+
+def _rank_device(dev: torch.device, ctx: distributed.Context) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK under several processes on CUDA (NCCL takes one GPU per rank)."""
+    if dev.type != "cuda" or ctx.world == 1:
+        return dev
+    if ctx.local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {ctx.local_rank} has no GPU of its own ({torch.cuda.device_count()} here; one "
+                        f"process per GPU)")
+    dev = torch.device("cuda", ctx.local_rank)
+    torch.cuda.set_device(dev)
+    return dev
 
 
 def progress(label: str, quiet: bool) -> Progress:

@@ -83,6 +83,28 @@ def resumed_recipe(state: dict[str, Any], recipe: Recipe, overrides: list[str]) 
     return saved_recipe(saved, resuming=True, overrides=overrides)
 
 
+def check_recipe(recipe: Recipe, world: int) -> None:
+    """The recipe's values and its global batch split over `world` processes (UserError)."""
+    validate_recipe(recipe)
+    engine.check_divisible(recipe.data.batch_size, world, "data.batch_size")
+
+
+def check_launch(recipe: Recipe, data: str | Path | None, world: int, device: str | None, resume: bool) -> None:
+    """What a run on `world` local processes can be refused for, checked once before any starts (nothing is
+    written): the device count; for a new run also the recipe, the batch split, the store's features and
+    speakers and the model's sizes (built on the meta device: no memory). Resuming, the saved recipe is the
+    processes' to check (still before anything is written); here only the data is opened."""
+    distributed.check_world(device, world)
+    if resume:
+        if recipe.data.kind == "speech":
+            open_store(data)
+        return
+    check_recipe(recipe, world)
+    speakers = load_training_data(recipe, data, 0, world).speakers if recipe.data.kind == "speech" else []
+    with torch.device("meta"):
+        build_model(_with_speakers(recipe, speakers))
+
+
 def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False,
           device: str | None = None, quiet: bool = False, overrides: list[str] | None = None) -> RunResult:
     """Train `recipe` on `data` (a prepared store, or an image dataset root) into run directory `out`.
@@ -90,24 +112,24 @@ def train(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = Fals
     `resume` continues the newest checkpoint with its saved configuration, with `overrides` (the `--set`
     items) changing only what they name; with `overrides=None` (a caller that built `recipe` itself) the
     given recipe is used instead. Under torchrun (WORLD_SIZE > 1) each process takes its slice of every
-    global batch (DistributedDataParallel); only rank 0 writes checkpoints, logs and progress.
+    global batch (DistributedDataParallel); only rank 0 writes checkpoints, logs and progress. Every check
+    runs on every rank before anything is written, and a failure is reported once (`engine.together`).
     """
-    validate_recipe(recipe)
     with engine.session(device, recipe.train.deterministic) as process:
         ctx = process.ctx
         run = Run(process, out, resume)
-        if run.state is not None and overrides is not None:
-            recipe = resumed_recipe(run.state, recipe, overrides)
-            validate_recipe(recipe)
-        process.check_batch_size(recipe.data.batch_size, "data.batch_size")
-        process.seed_streams(recipe.train.seed)
-        training_data = load_training_data(recipe, data, ctx.rank, ctx.world)
-        recipe = _with_speakers(recipe, training_data.speakers)
-        cfg = recipe.train
-        total = cfg.epochs * training_data.batches.steps_per_epoch if cfg.epochs > 0 else cfg.steps
-        model = run.initial(lambda: build_model(recipe), cfg.seed).to(process.dev)
-        optimizer, scheduler = build_optimizer(model, recipe)
-        run.restore({"model": model, "optimizer": optimizer, "scheduler": scheduler}, total)
+        with engine.together(ctx):
+            if run.state is not None and overrides is not None:
+                recipe = resumed_recipe(run.state, recipe, overrides)
+            check_recipe(recipe, ctx.world)
+            process.seed_streams(recipe.train.seed)
+            training_data = load_training_data(recipe, data, ctx.rank, ctx.world)
+            recipe = _with_speakers(recipe, training_data.speakers)
+            cfg = recipe.train
+            total = cfg.epochs * training_data.batches.steps_per_epoch if cfg.epochs > 0 else cfg.steps
+            model = run.initial(lambda: build_model(recipe), cfg.seed).to(process.dev)
+            optimizer, scheduler = build_optimizer(model, recipe)
+            run.restore({"model": model, "optimizer": optimizer, "scheduler": scheduler}, total)
         features = to_dict(training_data.features) if training_data.features else None
         run.set_up(yaml.safe_dump(to_dict(recipe), sort_keys=False),
                    {"recipe": to_dict(recipe), "features": features, "speakers": training_data.speakers})
@@ -156,10 +178,7 @@ class SQVAETrainer(Trainer):
         wrapper (built from the parameters that require gradients now)."""
         if self.process.ctx.world == 1:
             return self.model
-        from torch.nn.parallel import DistributedDataParallel
-
-        dev = self.process.dev
-        return DistributedDataParallel(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        return distributed.wrap_ddp(self.model, self.process.dev)
 
     def phase(self, step: int) -> str:
         """"train" or "calibration" (the last train.calibration_steps steps): a pure function of the step."""

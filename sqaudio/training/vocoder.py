@@ -21,6 +21,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from sqaudio import distributed
 from sqaudio.codec.vocoders import CHECKPOINT_FORMAT, VocoderConfig, build_generator, validate_vocoder_config
 from sqaudio.config import FeatureConfig, feature_mismatch, from_dict, from_saved, to_dict
 from sqaudio.data.batches import StepBatches
@@ -104,6 +105,30 @@ def usable_entries(store: Store, split: str, frames: int) -> list[dict[str, Any]
 
 # ------------------------------------------------------------------ training
 
+def training_entries(cfg: VocoderConfig, store: Store, world: int) -> list[dict[str, Any]]:
+    """The training utterances a run of `cfg` on `world` processes crops from; a UserError when the recipe,
+    its batch split or the store does not fit."""
+    train = cfg.train
+    engine.check_divisible(train.batch_size, world, "train.batch_size")
+    validate_vocoder_config(cfg, store.features)
+    entries = usable_entries(store, "train", train.batch_frames)
+    if not entries:
+        raise UserError(f"no training utterance in {store.root} is longer than train.batch_frames="
+                        f"{train.batch_frames} frames")
+    return entries
+
+
+def check_launch(store: Store, config: VocoderConfig | None, world: int, device: str | None) -> None:
+    """What a run on `world` local processes can be refused for, checked once before any starts (nothing is
+    written): the device count; for a new run (`config`) also the recipe against the store and the models'
+    sizes (built on the meta device: no memory). Resuming, the saved config is the processes' to check."""
+    distributed.check_world(device, world)
+    if config is not None:
+        training_entries(config, store, world)
+        with torch.device("meta"):
+            _build_models(config, store.features)
+
+
 def train_vocoder(store: Store, out: str | Path, config: VocoderConfig | None = None,
                   overrides: list[str] | None = None, resume: bool = False, device: str | None = None,
                   quiet: bool = False) -> RunResult:
@@ -111,28 +136,25 @@ def train_vocoder(store: Store, out: str | Path, config: VocoderConfig | None = 
     newest checkpoint there with its saved config changed by `overrides` (`--set` items).
 
     Under torchrun (WORLD_SIZE > 1) each process trains on its slice of every global batch of
-    `train.batch_size` crops with DistributedDataParallel; only rank 0 writes to `out`.
+    `train.batch_size` crops with DistributedDataParallel; only rank 0 writes to `out`. Every check runs on
+    every rank before anything is written, and a failure is reported once (`engine.together`).
     """
     with engine.session(device) as process:
         run = Run(process, out, resume, fmt=CHECKPOINT_FORMAT, logs="logs", label="vocoder")
-        cfg = _run_config(run, store, config, overrides)
-        features, train = store.features, cfg.train
-        process.check_batch_size(train.batch_size, "train.batch_size")
-        validate_vocoder_config(cfg, features)
-        entries = usable_entries(store, "train", train.batch_frames)
-        if not entries:
-            raise UserError(f"no training utterance in {store.root} is longer than train.batch_frames="
-                            f"{train.batch_frames} frames")
-        generator, discriminator = run.initial(lambda: _build_models(cfg, features), train.seed)
-        process.seed_streams(train.seed)
-        dev = process.dev
-        generator, discriminator = generator.to(dev), discriminator.to(dev)
-        losses = Losses(cfg, features).to(dev)
-        generator_optimizer = make_optimizer(generator.parameters(), cfg.generator_optimizer)
-        discriminator_optimizer = make_optimizer(discriminator.parameters(), cfg.discriminator_optimizer)
-        run.restore({"generator": generator, "discriminator": discriminator,
-                     "generator_optimizer": generator_optimizer,
-                     "discriminator_optimizer": discriminator_optimizer}, train.steps)
+        features, dev = store.features, process.dev
+        with engine.together(process.ctx):
+            cfg = _run_config(run, store, config, overrides)
+            train = cfg.train
+            entries = training_entries(cfg, store, process.ctx.world)
+            generator, discriminator = run.initial(lambda: _build_models(cfg, features), train.seed)
+            process.seed_streams(train.seed)
+            generator, discriminator = generator.to(dev), discriminator.to(dev)
+            losses = Losses(cfg, features).to(dev)
+            generator_optimizer = make_optimizer(generator.parameters(), cfg.generator_optimizer)
+            discriminator_optimizer = make_optimizer(discriminator.parameters(), cfg.discriminator_optimizer)
+            run.restore({"generator": generator, "discriminator": discriminator,
+                         "generator_optimizer": generator_optimizer,
+                         "discriminator_optimizer": discriminator_optimizer}, train.steps)
         run.set_up(config_yaml(cfg, features), {"format": CHECKPOINT_FORMAT, "version": 1, "config": to_dict(cfg),
                                                 "features": to_dict(features)})
         trainer = VocoderTrainer(process, cfg, store, generator, discriminator, losses, generator_optimizer,
@@ -150,8 +172,7 @@ def _run_config(run: Run, store: Store, config: VocoderConfig | None, overrides:
     """The given config of a new run, or the resumed run's saved one with the overrides (same features only)."""
     if run.state is None:
         if config is None:
-            engine.fail_together(f"no checkpoint found in {run.out} to resume (start without --resume)",
-                                 run.process.ctx)
+            raise UserError(f"no checkpoint found in {run.out} to resume (start without --resume)")
         return config
     diff = feature_mismatch(store.features, from_dict(FeatureConfig, run.state["features"], "features"),
                             ("store", "run"))
@@ -193,14 +214,10 @@ class VocoderTrainer(Trainer):
         self.generator_optimizer, self.discriminator_optimizer = generator_optimizer, discriminator_optimizer
         self.ddp_generator, self.ddp_discriminator = generator, discriminator
         if process.ctx.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             # No BatchNorm in these models; weight/spectral-norm buffers evolve identically on every rank, and
             # re-broadcasting them before each of the two discriminator passes would clobber saved tensors.
-            ids = [process.dev.index] if process.dev.type == "cuda" else None
-            self.ddp_generator = DistributedDataParallel(generator, device_ids=ids, forward_sync_buffers=False)
-            self.ddp_discriminator = DistributedDataParallel(discriminator, device_ids=ids,
-                                                             forward_sync_buffers=False)
+            self.ddp_generator = distributed.wrap_ddp(generator, process.dev, sync_buffers=False)
+            self.ddp_discriminator = distributed.wrap_ddp(discriminator, process.dev, sync_buffers=False)
         generator.train(), discriminator.train()
 
     def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:

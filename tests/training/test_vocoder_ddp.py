@@ -77,7 +77,7 @@ def test_batch_size_must_divide_world_size_before_anything_is_written(store, tmp
            "--recipe", "tiny", "--device", "cpu", "--devices", "2", "--set", "train.batch_size=3"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.count("train.batch_size 3 is not divisible by 2 processes") == 1  # rank 0 reports it
+    assert done.stderr.count("train.batch_size 3 is not divisible by 2 processes") == 1  # before any rank starts
     assert not (tmp_path / "run").exists()
 
 
