@@ -1,79 +1,99 @@
 #!/usr/bin/env bash
-# GPU checks for issue 11, one short script (every step has a timeout: under 6 minutes in all on one H200).
-# Run from anywhere inside the repository:   OUT=/some/dir bash benchmarks/gpu_check.sh
-# Needs python3 with torch + CUDA, rich, typer, scipy, pyyaml, tensorboard, matplotlib, numpy; librosa and
-# soundfile wheels in .whl/ are installed to /tmp/site when present. Writes to $OUT (default ./gpu_check_out):
-#   log.txt                  everything printed below
-#   train_speed_bf16.json    reference recipe (SQ-VAE IV, batch 52, 32+2 frames), bf16 autocast, DataLoader vs memory
-#   train_speed_fp32.json    the same without autocast
-#   ddp.json                 2 processes vs 1 on the same global batch (CUDA with >= 2 GPUs, else CPU/gloo)
-#   resume.json              CUDA: rerun and interrupted+resumed vs straight, with and without train.deterministic
-set -u
+# GPU checks, one unattended run on a fresh machine (docs/gpu.md): installs what the Python lacks from .whl/,
+# a preflight, inputs it makes itself (a synthetic store, generated speech), then the training speed of the
+# reference recipe in bf16 and fp32, VQ-EMA and utterance mode (steps/s, the data path's share, host syncs
+# counted and the first located), vocoder training speed and syncs, CUDA bit-exactness of a rerun and of a
+# resume, reconstruct's real-time factor, DDP. Each part runs under `timeout` (all of them within
+# GPU_CHECK_BUDGET seconds), prints its result and is recorded in OUTDIR/gpu_check.json as soon as it ends; a
+# failed part does not stop the others; the exit code is 1 when any part failed or ran out of time.
+#
+#   bash benchmarks/gpu_check.sh [OUTDIR]                 OUTDIR: default $OUT, else ./gpu_check_out
+#   GPU_CHECK_CPU=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh OUTDIR        the CPU smoke mode
+#
+# OUTDIR gets gpu_check.json (every part: status, seconds, exit code, results; rewritten atomically after each
+# part) and log.txt (everything printed). Environment: PYTHON (default python3); GPU_CHECK_CPU=1 (every part
+# on the CPU with tiny sizes; CUDA-only fields read "skipped: cpu"); GPU_CHECK_BUDGET (seconds for all parts:
+# default 345; on the CPU 1800, and every part's limit x4); GPU_CHECK_PARTS (only these parts, e.g. "install preflight vq");
+# GPU_CHECK_SQ_RECIPE, GPU_CHECK_VQ_RECIPE (default vctk/sqvae_gauss4, vctk/vqvae_ema); GPU_CHECK_SITE (where
+# .whl/ is installed; default a temporary folder).
+set -euo pipefail
+
+OUTDIR=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_check_out}
-mkdir -p "$OUT"
+ROOT=$PWD
 PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
-  pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-exec > >(tee "$OUT/log.txt") 2>&1
-start=$(date +%s)
-nvidia-smi -L || true
-NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
-$PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0), '| GPUs:', torch.cuda.device_count())"
+CPU=${GPU_CHECK_CPU:-0}
+ONLY=${GPU_CHECK_PARTS:-}
+SQ=${GPU_CHECK_SQ_RECIPE:-vctk/sqvae_gauss4}
+VQ=${GPU_CHECK_VQ_RECIPE:-vctk/vqvae_ema}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+SITE=${GPU_CHECK_SITE:-$WORK/site}
+JSON=$OUTDIR/gpu_check.json
+FAILED=0
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-echo; echo "== 1/4 train_speed, reference recipe, bf16 autocast, 4 DataLoader workers (target >= 50 steps/s, data path < 5%)"
-timeout 100 $PY benchmarks/train_speed.py --device cuda --amp bf16 --workers 4 --threads 4 --steps 250 --warmup 25 \
-  --json "$OUT/train_speed_bf16.json"
-
-echo; echo "== 2/4 train_speed, reference recipe, fp32"
-timeout 60 $PY benchmarks/train_speed.py --device cuda --amp none --workers 4 --threads 4 --steps 100 --warmup 10 \
-  --json "$OUT/train_speed_fp32.json"
-
-echo; echo "== 3/4 DDP: torchrun-style 2 processes vs 1 on the same global batch"
-if [ "$NGPU" -ge 2 ]; then
-  timeout 100 $PY benchmarks/ddp_scaling.py --device cuda --recipe vctk/sqvae_gauss4 --steps 900 --json "$OUT/ddp.json"
+if [ "$CPU" = 1 ]; then
+  MODE=cpu BUDGET=${GPU_CHECK_BUDGET:-1800} DEV=cpu THREADS=1 CPU_FLAG=(--cpu) SLOW=4  # time limits x SLOW
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # a shared machine: more threads only wait for each other
+  TINY=(--set model.speech.channels=32 --set model.speech.rnn_hidden=16 --set model.speech.speaker_dim=8
+        --set quantizer.codebook_size=32 --set quantizer.dim=16 --set data.batch_size=4)
+  LONG=(--steps 3 --warmup 1) SHORT=(--steps 2 --warmup 1) UTT=(--steps 2 --warmup 1 --set data.max_frames=100)
+  VOC=(--recipe tiny --steps 2 --warmup 1) EXACT=(--recipe vctk/mini_sqvae_gauss4 --steps 4)
+  RECON=(--seconds 2 --threads 1) DDP=(--recipe vctk/mini_sqvae_gauss4 --steps 6)
 else
-  echo "skipped: only $NGPU GPU, and NCCL cannot place two ranks on one device (the CPU/gloo comparison is"
-  echo "benchmarks/ddp_scaling.py --device cpu, which needs no GPU machine)"
+  MODE=cuda BUDGET=${GPU_CHECK_BUDGET:-345} DEV=cuda THREADS=4 CPU_FLAG=() TINY=() SLOW=1
+  LONG=(--steps 200 --warmup 20) SHORT=(--steps 100 --warmup 10) UTT=(--steps 40 --warmup 5)
+  VOC=(--recipe hifigan --steps 20 --warmup 3) EXACT=(--recipe "$SQ" --steps 40)
+  RECON=(--seconds 60 --threads 4) DDP=(--recipe vctk/mini_sqvae_gauss4 --steps 30)
 fi
+DEADLINE=$((SECONDS + BUDGET))
 
-echo; echo "== 4/4 exactness on CUDA: rerun and 20 steps + --resume 20 against 40 straight steps (vctk/mini_sqvae_gauss4, bf16)"
-CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 75 $PY - "$OUT/resume.json" <<'PYEOF'
-import json, sys, tempfile
-from pathlib import Path
+part() {  # NAME LIMIT COMMAND...: one part under `timeout`, recorded when it ends; a failure is counted, not fatal
+  local name=$1 limit=$(($2 * SLOW)) rc=0 status=ok start=$SECONDS left
+  shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  left=$((DEADLINE - SECONDS))
+  ((limit <= left)) || limit=$left
+  echo; echo "== $name (at most $limit s)"
+  if ((limit < 5)); then
+    echo "not started: the budget of $BUDGET s is spent" | tee "$WORK/$name.log"
+    rc=124
+  else
+    timeout -k 10 "$limit" "$@" --json "$WORK/$name.json" 2>&1 | tee "$WORK/$name.log" || rc=$?
+  fi
+  if ((rc == 124 || rc == 137)); then status=timeout; elif ((rc != 0)); then status=failed; fi
+  [ "$status" = ok ] || FAILED=$((FAILED + 1))
+  "$PY" benchmarks/gpu_check.py record "$JSON" "$name" "$status" $((SECONDS - start)) "$rc" \
+    "$WORK/$name.json" "$WORK/$name.log" || FAILED=$((FAILED + 1))
+}
 
-import torch
+main() {
+  echo "gpu_check ($MODE) in $ROOT with $PY; results: $JSON; budget $BUDGET s"
+  if [ "$MODE" = cuda ] && command -v nvidia-smi >/dev/null; then nvidia-smi -L || true; fi
+  "$PY" benchmarks/gpu_check.py begin "$JSON" "$MODE" "$BUDGET"
+  local train=("$PY" benchmarks/train_speed.py --data "$WORK/inputs/train" --device "$DEV" --threads "$THREADS"
+               "${TINY[@]}")
+  part install 60 "$PY" benchmarks/gpu_check.py install --site "$SITE" --wheels .whl
+  part preflight 60 "$PY" benchmarks/gpu_check.py preflight "${CPU_FLAG[@]}"
+  part inputs 90 "$PY" benchmarks/gpu_check.py inputs "$WORK/inputs" "${CPU_FLAG[@]}"
+  part train_bf16 90 "${train[@]}" --recipe "$SQ" --amp bf16 "${LONG[@]}"
+  part train_fp32 60 "${train[@]}" --recipe "$SQ" --amp none "${SHORT[@]}"
+  part vq 60 "${train[@]}" --recipe "$VQ" --amp bf16 "${SHORT[@]}"
+  part utterance 75 "${train[@]}" --recipe "$SQ" --amp bf16 --set data.mode=utterance "${UTT[@]}"
+  part vocoder 75 "$PY" benchmarks/vocoder_speed.py --train-step --data "$WORK/inputs/speech/store" --device "$DEV" \
+    --threads "$THREADS" "${VOC[@]}"
+  part exactness 90 env CUBLAS_WORKSPACE_CONFIG=:4096:8 "$PY" benchmarks/gpu_check.py exactness \
+    --data "$WORK/inputs/train" "${EXACT[@]}" "${TINY[@]}" "${CPU_FLAG[@]}"
+  part reconstruct 75 "$PY" benchmarks/reconstruct_speed.py --device "$DEV" --vocoder hifigan griffin-lim \
+    "${RECON[@]}"
+  part ddp 75 "$PY" benchmarks/gpu_check.py ddp --data "$WORK/inputs/train" "${DDP[@]}" "${TINY[@]}" "${CPU_FLAG[@]}"
+  "$PY" benchmarks/gpu_check.py finish "$JSON" "$SECONDS" || FAILED=$((FAILED + 1))
+  echo; echo "gpu_check finished in $SECONDS s: $FAILED part(s) failed or ran out of time; results in $JSON"
+  ((FAILED == 0))
+}
 
-sys.path.insert(0, "benchmarks")
-from train_speed import synthetic_store
-from sqaudio import checkpoint
-from sqaudio.config import load_recipe
-from sqaudio.training.sqvae import train
-
-results = {}
-with tempfile.TemporaryDirectory() as tmp:
-    tmp = Path(tmp)
-    store = synthetic_store(tmp / "store", n_speakers=4, n_utts=10)
-
-    def run(name, steps, deterministic, resume=False):
-        recipe = load_recipe("vctk/mini_sqvae_gauss4", [f"train.steps={steps}", "train.checkpoint_every=1000",
-                                                         "train.log_every=10", f"train.deterministic={deterministic}"])
-        train(recipe, store, tmp / name, resume=resume, device="cuda", quiet=True)
-        return checkpoint.load(checkpoint.latest(tmp / name))["model"]
-
-    for det in (False, True):
-        a = run(f"a{det}", 40, det)
-        b = run(f"b{det}", 40, det)
-        run(f"c{det}", 20, det)
-        c = run(f"c{det}", 40, det, resume=True)
-        diff = lambda x, y: max(float((x[k].double() - y[k].double()).abs().max()) for k in x if x[k].is_floating_point())
-        results[f"deterministic={det}"] = {"rerun_max_abs_diff": diff(a, b), "resume_max_abs_diff": diff(a, c),
-                                           "rerun_bit_exact": all(torch.equal(a[k], b[k]) for k in a),
-                                           "resume_bit_exact": all(torch.equal(a[k], c[k]) for k in a)}
-        print(f"deterministic={det}: {results[f'deterministic={det}']}")
-Path(sys.argv[1]).write_text(json.dumps(results, indent=2))
-PYEOF
-
-echo; echo "gpu_check finished in $(( $(date +%s) - start )) s; results in $OUT"
+: > "$OUTDIR/log.txt"
+main 2>&1 | tee -a "$OUTDIR/log.txt"

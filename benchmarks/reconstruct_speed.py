@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/reconstruct_speed.py [--seconds 10 60 600] [--vocoder hifigan griffin-lim]
                                                      [--threads 2] [--device cpu] [--recipe vctk/sqvae_gauss4]
 
+The input is generated speech (`sqaudio.data.synthetic`, 5 s utterances of one voice back to back).
+
 The SQ-VAE is the recipe's reference-size speech model and `hifigan` the default vocoder recipe, both freshly
 initialised (speed and memory do not depend on the weights) and saved as checkpoints, so the measured path is
 the command's own: `Codec.load` from a run directory, `Codec.reconstruct_to` (what `sqaudio reconstruct` runs: features
@@ -29,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from host_syncs import cuda_only  # noqa: E402
 
 
 def _peak_mb() -> float:
@@ -108,8 +112,8 @@ def child(run: Path, vocoder: str, wav: Path, device: str, threads: int, trace: 
         rise = hwm - rss0 if reset and hwm is not None and rss0 is not None else None
         if run_name == "first":
             row.update({"wall_s": seconds, "peak_mb": _peak_mb(), "rss_rise_mb": rise, "traced_peak_mb": traced,
-                        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if codec.device.type == "cuda"
-                        else None})
+                        "gpu_peak_mb": cuda_only(codec.device.type == "cuda",
+                                                 lambda: torch.cuda.max_memory_allocated() / 2**20)})
         else:
             row.update({"again_wall_s": seconds, "again_rss_rise_mb": rise})
         out.unlink()
@@ -133,9 +137,10 @@ def main() -> None:
         print(json.dumps(child(Path(run), vocoder, Path(wav), args.device, args.threads, args.tracemalloc)))
         return
     import soundfile as sf
-    from conftest import harmonic
     from rich.console import Console
     from rich.table import Table
+
+    from sqaudio.data.synthetic import make_voices, synthesize
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,8 +148,9 @@ def main() -> None:
         vocoders = {"hifigan": str(hifigan), "griffin-lim": "griffin-lim"}
         for seconds in args.seconds:
             wav = Path(tmp) / f"in_{seconds:g}.wav"
-            pieces = int(np.ceil(seconds / 5.0))
-            sf.write(wav, np.concatenate([harmonic(5.0, f0=100 + 10 * (i % 7), seed=i) for i in range(pieces)])
+            voice = make_voices(1)[0]
+            pieces = int(np.ceil(seconds / 5.0))  # generated speech, 5 s utterances back to back
+            sf.write(wav, np.concatenate([synthesize(voice, 5.0, seed=i) for i in range(pieces)])
                      [: int(seconds * 16000)], 16000)
             for name in args.vocoder:
                 cmd = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads),
@@ -153,6 +159,7 @@ def main() -> None:
                 if result.returncode != 0:
                     sys.exit(result.stderr)
                 row = {"seconds": seconds, "vocoder": name, **json.loads(result.stdout.strip().splitlines()[-1])}
+                row.update({"rtf": row["wall_s"] / seconds, "again_rtf": row["again_wall_s"] / seconds})
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
             wav.unlink()
@@ -162,12 +169,12 @@ def main() -> None:
                    "RSS rise, again", "numpy/Python peak (tracemalloc)", "GPU peak"):
         table.add_column(column, justify="right")
     for r in rows:
-        gpu = f"{r['gpu_peak_mb']:.0f} MB" if r["gpu_peak_mb"] is not None else "-"
+        gpu = f"{r['gpu_peak_mb']:.0f} MB" if isinstance(r["gpu_peak_mb"], float) else "-"
         rise, again = (f"{r[k]:.1f} MB" if r[k] is not None else "-" for k in ("rss_rise_mb", "again_rss_rise_mb"))
-        table.add_row(f"{r['seconds']:g} s", r["vocoder"], f"{r['wall_s'] / r['seconds']:.3f}",
+        table.add_row(f"{r['seconds']:g} s", r["vocoder"], f"{r['rtf']:.3f} ({r['again_rtf']:.3f} again)",
                       f"{r['peak_mb']:.0f} MB", f"{r['after_load_mb']:.0f} MB", rise, again,
                       f"{r['traced_peak_mb']:.1f} MB" if r["traced_peak_mb"] is not None else "-", gpu)
-    Console().print(table)
+    Console(width=200).print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -6,11 +6,12 @@ Adam, the LR schedule, on-device statistics); batches come from a prepared store
 non-blocking copies). Without --data a synthetic store in the real format is written to a temporary folder
 (random log-mels; the loader reads .npy files exactly as from `sqaudio prepare`).
 
-Host syncs are counted two ways: reads of a tensor's value into Python made by sqaudio's code (`item`,
-`tolist`, `__bool__`, `__float__`, `__int__`, `__index__`, `numpy`, `cpu` are wrapped and counted when the
-caller is in sqaudio; on a CPU run these are the reads that could block on an accelerator; torch's Adam
-reads its step counters, which it keeps on the CPU for exactly that reason, and is not counted) and, on
-CUDA, the synchronisations CUDA itself reports (`torch.cuda.set_sync_debug_mode("warn")`, one per sync).
+Host syncs (`host_syncs.py`) are counted over the DataLoader steps two ways: reads of a tensor's value into
+Python made by sqaudio's code (on a CPU run, the reads that could block on an accelerator; torch's Adam reads its
+step counters, which it keeps on the CPU for exactly that reason, and is not counted) and, on CUDA, the
+synchronisations CUDA itself reports (`torch.cuda.set_sync_debug_mode("warn")`). On CUDA three more steps on the
+in-memory batch run under sync debug mode "error", which names the source line of the first sync (`first_sync`:
+null when there is none). CUDA-only fields read "skipped: cpu" on a CPU run.
 
     .venv/bin/python benchmarks/train_speed.py [--steps 20] [--workers 2] [--device cpu] [--amp none]
     python3 benchmarks/train_speed.py --device cuda --amp bf16 --steps 300 --json $OUT/train_speed.json
@@ -23,12 +24,13 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_syncs import SyncCounter, cuda_only, first_sync  # noqa: E402
 
 
 def synthetic_store(root: Path, n_speakers: int = 10, n_utts: int = 30, frames: tuple[int, int] = (150, 600),
@@ -54,47 +56,6 @@ def synthetic_store(root: Path, n_speakers: int = 10, n_utts: int = 30, frames: 
     return root
 
 
-class SyncCounter:
-    """Counts reads of tensor values into Python (and CUDA's own sync reports) while active."""
-
-    READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
-
-    def __init__(self, cuda: bool):
-        self.cuda, self.reads, self.cuda_syncs, self._saved = cuda, 0, 0, {}
-
-    def __enter__(self):
-        import torch
-
-        import sqaudio
-
-        package = str(Path(sqaudio.__file__).parent)
-        for name in self.READS:
-            original = getattr(torch.Tensor, name)
-            self._saved[name] = original
-
-            def counted(t, *a, _f=original, **k):
-                caller = sys._getframe(1).f_code.co_filename
-                self.reads += caller.startswith(package) or caller == __file__
-                return _f(t, *a, **k)
-            setattr(torch.Tensor, name, counted)
-        if self.cuda:
-            self._warnings = warnings.catch_warnings(record=True)
-            self._log = self._warnings.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-        if self.cuda:
-            torch.cuda.set_sync_debug_mode(0)
-            self.cuda_syncs = sum("synchroniz" in str(w.message) for w in self._log)
-            self._warnings.__exit__(*exc)
-
-
 def measure(args) -> dict:
     import torch
 
@@ -118,7 +79,7 @@ def measure(args) -> dict:
     model = build_model(recipe).to(dev).train()
     optimizer, scheduler = build_optimizer(model, recipe)
     warm, steps = args.warmup, args.steps
-    trainer = SQVAETrainer(process, model, optimizer, scheduler, data, recipe, warm + steps)
+    trainer = SQVAETrainer(process, model, optimizer, scheduler, data, recipe, warm + steps + 3)
     meter = engine.Meter(process.ctx)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -132,9 +93,9 @@ def measure(args) -> dict:
                     count.__enter__()
             loss, values = trainer.step(s, batch)
             meter.add(s, values, loss)
-        sync()
         if count is not None:
             count.__exit__(None, None, None)
+        sync()
         elapsed = time.perf_counter() - start
         meter.read(warm + steps, Path(tempfile.gettempdir()))
         return steps / elapsed
@@ -143,18 +104,20 @@ def measure(args) -> dict:
     for s in range(20):
         data.batches[s]
     host_ms = (time.perf_counter() - t0) / 20 * 1000  # building one batch in one process (what workers hide)
-    counter = SyncCounter(dev.type == "cuda")
+    cuda = dev.type == "cuda"
+    counter = SyncCounter(cuda)
     fixed = engine.to_device(data.batches[0], dev)
     before = loop((s, fixed) for s in range(warm + steps))  # in memory before and after: no order effect
     loader_rate = loop(process.batches(data.batches, 0, warm + steps, recipe.data.num_workers), counter)
     memory_rate = (before + loop((s, fixed) for s in range(warm + steps))) / 2
-    return {"recipe": recipe.name, "device": str(dev), "amp": recipe.train.amp if dev.type == "cuda" else "none (cpu)",
-            "batch_size": recipe.data.batch_size, "frames": recipe.data.sample_frames + 2,
+    first = first_sync(lambda s: trainer.step(s, fixed), range(warm + steps, warm + steps + 3)) if cuda else None
+    return {"recipe": recipe.name, "device": str(dev), "amp": recipe.train.amp if cuda else "none (cpu)",
+            "mode": recipe.data.mode, "batch_size": recipe.data.batch_size, "frames": recipe.data.sample_frames + 2,
             "workers": recipe.data.num_workers, "threads": args.threads, "steps": steps,
             "loader_steps_per_s": loader_rate, "in_memory_steps_per_s": memory_rate,
             "data_path_share": 1.0 - loader_rate / memory_rate, "host_ms_per_batch": host_ms,
             "python_reads_per_step": counter.reads / steps,
-            "cuda_syncs_per_step": counter.cuda_syncs / steps if dev.type == "cuda" else None}
+            "cuda_syncs_per_step": cuda_only(cuda, counter.cuda_syncs / steps), "first_sync": cuda_only(cuda, first)}
 
 
 def main() -> None:
@@ -181,8 +144,9 @@ def main() -> None:
     print(f"  data path share of a step: {100 * result['data_path_share']:.1f}%  (building a batch in one process: "
           f"{result['host_ms_per_batch']:.1f} ms)")
     print(f"  tensor reads into Python per steady-state step: {result['python_reads_per_step']:.2f}")
-    if result["cuda_syncs_per_step"] is not None:
-        print(f"  CUDA synchronisations per steady-state step: {result['cuda_syncs_per_step']:.2f}")
+    if args.device != "cpu":
+        print(f"  CUDA synchronisations per steady-state step: {result['cuda_syncs_per_step']:.2f}; first: "
+              f"{result['first_sync']['where'] if result['first_sync'] else 'none'}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -5,7 +5,10 @@ its evaluation under `--timeout`; finished runs are skipped, cut-off runs resume
 split and prints test mel-MSE (dB^2), perplexity and used codes per seed and as mean +- std, then the
 acceptance check of `--option` against the best VQ-VAE-EMA model run (lowest mean mel-MSE among the `vq*` models,
 plain or calibrated): mean mel-MSE at least 5% below it, lower on at least 80% of the seeds (4 of 5, 3 of 3)
-paired by seed, and a higher mean perplexity. Writes every result and the check to `--json`.
+paired by seed, and a higher mean perplexity. Writes every result and the check to `--json`, rewritten
+(atomically) each time a run ends. A run still training at its `--timeout` or at the `--deadline` gets SIGTERM
+(`sqaudio train` saves a checkpoint at the step boundary and exits) and is reported as cut, with the step it
+saved and its last training-log row; it is not evaluated.
 
 Corpora: `vctk` (recipes vctk/mini_*) and `zerospeech` (zerospeech2019/mini_*). Data: `--feats DIR`, an
 already-prepared feature store (`sqaudio prepare` output), or (vctk) `--data RAW`, prepared into WORK/feats.
@@ -34,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -54,14 +57,50 @@ DEFAULT_MODELS = ["sq", "sq_calibrated", "vq", "vq_decay099", "vq_decay099_calib
 METRICS = ("mel_mse_db2", "perplexity", "used_codes")
 
 
+GRACE_S = 30.0  # after SIGTERM, time to save a checkpoint before SIGKILL
+
+
+class Cut(RuntimeError):
+    """A command stopped at its time limit; `step`: the run's last saved step (None before the first)."""
+
+    step: int | None = None
+
+
 def sqaudio(args: list[str], timeout: float | None, log: Path | None = None) -> None:
+    """Run `sqaudio ARGS` (one thread); at `timeout` send SIGTERM, then SIGKILL after GRACE_S, and raise Cut."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    if log is None:
-        subprocess.run([sys.executable, "-m", "sqaudio", *args], check=True, env=env, timeout=timeout)
-        return
-    with open(log, "a") as f:
-        subprocess.run([sys.executable, "-m", "sqaudio", *args], check=True, env=env, timeout=timeout,
-                       stdout=f, stderr=subprocess.STDOUT)
+    out = open(log, "a") if log is not None else None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "sqaudio", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise Cut(f"sqaudio {args[0]} stopped at its time limit ({timeout:.0f} s)") from None
+    finally:
+        if out is not None:
+            out.close()
+    if code != 0:
+        raise subprocess.CalledProcessError(code, ["sqaudio", *args])
+
+
+def last_step(run: Path) -> int | None:
+    """The step of the newest checkpoint in a run directory (None when there is none)."""
+    steps = [int(p.stem.split("-")[1]) for p in run.glob("checkpoint-*.pt") if p.stem.split("-")[1].isdigit()]
+    return max(steps, default=None)
+
+
+def last_log_row(run: Path) -> dict | None:
+    history = run / "history.jsonl"
+    if history.exists() and history.read_text().strip():
+        return json.loads(history.read_text().splitlines()[-1])
+    return None
 
 
 def budget_overrides(recipe: str, steps: int | None) -> list[str]:
@@ -106,17 +145,21 @@ def run_one(feats: Path, run: Path, recipe: str, seed: int, steps: int | None, d
     if not (run / f"checkpoint-{total}.pt").exists():
         resume = ["--resume"] if any(run.glob("checkpoint-*.pt")) else []
         sets = [a for o in overrides for a in ("--set", o)]
-        sqaudio(["train", recipe, "--data", str(feats), "--out", str(run), "--quiet", *resume, *device, *sets],
-                timeout, log)
+        try:
+            sqaudio(["train", recipe, "--data", str(feats), "--out", str(run), "--quiet", *resume, *device, *sets],
+                    timeout, log)
+        except Cut as cut:
+            cut.step = last_step(run)
+            raise
+    trained = time.monotonic() - started
     result = run / "eval-test.json"
     if not result.exists() or json.loads(result.read_text()).get("step") != total:
         left = max(60.0, timeout - (time.monotonic() - started))
         sqaudio(["evaluate", str(run), "--data", str(feats), "--split", "test", "--overwrite", *device], left, log)
     out = json.loads(result.read_text())
-    out["wall_s"] = round(time.monotonic() - started, 1)
-    history = run / "history.jsonl"
-    if history.exists() and history.read_text().strip():
-        out["train_last"] = json.loads(history.read_text().splitlines()[-1])
+    out.update({"train_s": round(trained, 1), "wall_s": round(time.monotonic() - started, 1)})
+    if last_log_row(run) is not None:
+        out["train_last"] = last_log_row(run)
     return out
 
 
@@ -219,39 +262,75 @@ def main() -> None:
             for name, recipe in recipes.items():
                 if name in branch_of:
                     pair, cal = branch_of[name]
-                    futures[(name, pair), seed] = pool.submit(
-                        run_pair, feats, run_dir[name, seed], run_dir[pair, seed], recipe, cal, seed, *common)
+                    futures[pool.submit(run_pair, feats, run_dir[name, seed], run_dir[pair, seed], recipe, cal, seed,
+                                        *common)] = ((name, pair), seed)
                 elif name not in branched:
-                    futures[(name,), seed] = pool.submit(run_one, feats, run_dir[name, seed], recipe, seed, *common)
-        for (names, seed), fut in futures.items():
-            try:
-                outs = fut.result()
-                results.update(zip([(n, seed) for n in names], outs if len(names) > 1 else [outs]))
-            except Exception as err:  # a failed or timed-out run is reported, the others still count
-                for n in names:
-                    results.setdefault((n, seed), {"error": f"{type(err).__name__}: {err}",
-                                                   "log": _log_tail(run_dir[n, seed])})
-                    print(f"FAILED {n} seed {seed}: {err}", file=sys.stderr)
+                    futures[pool.submit(run_one, feats, run_dir[name, seed], recipe, seed, *common)] = ((name,), seed)
+        header = {"corpus": args.corpus, "steps": steps, "seeds": args.seeds, "feats": str(feats), "recipes": recipes}
+        for fut in as_completed(futures):
+            names, seed = futures[fut]
+            results.update(outcome(fut, names, seed, run_dir))
+            if args.json:
+                write_json(Path(args.json), header, results, summarize(results, recipes, args.seeds),
+                           acceptance(results, args.option, args.seeds), done=False)
+    summary = summarize(results, recipes, args.seeds)
+    check = acceptance(results, args.option, args.seeds)
+    print_report(args, steps, recipes, results, summary, check)
+    if args.json:
+        write_json(Path(args.json), header, results, summary, check, done=True)
 
+
+def outcome(fut, names: tuple[str, ...], seed: int, run_dir: dict) -> dict:
+    """{(model, seed): result} of a finished future: the results, or for each model the failure (cut or not)."""
+    try:
+        outs = fut.result()
+        return dict(zip([(n, seed) for n in names], outs if len(names) > 1 else [outs]))
+    except Exception as err:  # a failed or timed-out run is reported, the others still count
+        failed = {}
+        for n in names:
+            row = {"error": f"{type(err).__name__}: {err}", "log": _log_tail(run_dir[n, seed])}
+            if isinstance(err, Cut):
+                row.update({"cut": True, "step": err.step, "train_last": last_log_row(run_dir[n, seed])})
+            failed[(n, seed)] = row
+            print(f"{'CUT' if isinstance(err, Cut) else 'FAILED'} {n} seed {seed}: {err}", file=sys.stderr)
+        return failed
+
+
+def summarize(results: dict, recipes: dict, seeds: list[int]) -> dict:
+    """Mean and std of every metric per model over its finished runs."""
+    summary = {}
+    for name in recipes:
+        rows = [results[(name, s)] for s in seeds if "error" not in results.get((name, s), {"error": ""})]
+        if rows:
+            stats = {m: _mean_std([float(r[m]) for r in rows]) for m in METRICS}
+            summary[name] = {m: {"mean": v[0], "std": v[1]} for m, v in stats.items()} | {"runs": len(rows)}
+    return summary
+
+
+def write_json(path: Path, header: dict, results: dict, summary: dict, check: dict, done: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {**header, "finished": done, "runs": [{"model": n, "seed": s, **r} for (n, s), r in results.items()],
+           "summary": summary, "acceptance": check}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def print_report(args, steps: int, recipes: dict, results: dict, summary: dict, check: dict) -> None:
     print(f"\n{args.corpus}-mini test split, {steps} steps per run\n")
     print("| model | seed | mel-MSE (dB^2) | perplexity | used codes |\n|---|---|---|---|---|")
     for (name, seed), r in sorted(results.items(), key=lambda kv: (list(recipes).index(kv[0][0]),
                                                                    args.seeds.index(kv[0][1]))):
-        if "error" in r:
+        if r.get("cut"):
+            print(f"| {MODELS[name][0]} | {seed} | cut at step {r['step']} | | |")
+        elif "error" in r:
             print(f"| {MODELS[name][0]} | {seed} | failed | | |")
         else:
             print(f"| {MODELS[name][0]} | {seed} | {r['mel_mse_db2']:.2f} | {r['perplexity']:.1f} | {r['used_codes']} |")
-    summary = {}
-    for name in recipes:
-        rows = [results[(name, s)] for s in args.seeds if "error" not in results[(name, s)]]
-        if not rows:
-            continue
-        stats = {m: _mean_std([float(r[m]) for r in rows]) for m in METRICS}
-        summary[name] = {m: {"mean": v[0], "std": v[1]} for m, v in stats.items()} | {"runs": len(rows)}
-        print(f"| {MODELS[name][0]} | mean +- std ({len(rows)}) | {stats['mel_mse_db2'][0]:.2f} +- "
-              f"{stats['mel_mse_db2'][1]:.2f} | {stats['perplexity'][0]:.1f} +- {stats['perplexity'][1]:.1f} | "
-              f"{stats['used_codes'][0]:.0f} |")
-    check = acceptance(results, args.option, args.seeds)
+    for name, stats in summary.items():
+        mse, ppl = stats["mel_mse_db2"], stats["perplexity"]
+        print(f"| {MODELS[name][0]} | mean +- std ({stats['runs']}) | {mse['mean']:.2f} +- {mse['std']:.2f} | "
+              f"{ppl['mean']:.1f} +- {ppl['std']:.1f} | {stats['used_codes']['mean']:.0f} |")
     print(f"\nacceptance ({args.corpus}): {json.dumps(check)}")
     if "best_vq" in check:
         print(f"{MODELS[args.option][0]} vs best VQ ({MODELS[check['best_vq']][0]}): mean mel-MSE "
@@ -259,12 +338,6 @@ def main() -> None:
               f"lower on {check['wins']}/{check['seeds']} seeds (need {check['wins_needed']}), perplexity "
               f"{check['option_perplexity']:.1f} vs {check['best_vq_perplexity']:.1f} -> "
               f"{'PASS' if check['passed'] else 'FAIL'}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "corpus": args.corpus, "steps": steps, "seeds": args.seeds, "feats": str(feats),
-            "recipes": recipes, "runs": [{"model": n, "seed": s, **r} for (n, s), r in results.items()],
-            "summary": summary, "acceptance": check}, indent=1))
 
 
 if __name__ == "__main__":
