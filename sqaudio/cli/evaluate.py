@@ -25,11 +25,29 @@ def evaluate(
     vocoder: str = typer.Option("griffin-lim", "--vocoder", help="With --audio: griffin-lim, a `sqaudio vocoder train` "
                                 "dir, or a pretrained parallel-wavegan dir."),
     overwrite: bool = OVERWRITE_OPT,
+    abx: Optional[Path] = typer.Option(None, "--abx", help="Speech: score the codes the ZeroSpeech 2019 way on this "
+                                       ".item file instead (ABX error, official bitrate; see docs/abx.md)."),
+    wavs: Optional[Path] = typer.Option(None, "--wavs", help="With --abx: folder of the audio files the item file "
+                                        "names (searched recursively), e.g. the challenge's english/test."),
+    abx_distances: list[str] = typer.Option(["codes"], "--abx-distance", help="With --abx: frame distance, codes "
+                                            "(angle between codebook vectors), symbols (0/1) or continuous (angle "
+                                            "between encoder outputs); repeat to score several."),
+    bitrate_list: Optional[Path] = typer.Option(None, "--bitrate-list", help="With --abx: compute the bitrate over "
+                                                "the files and seconds of this list (the challenge's "
+                                                "bitrate_filelist.txt) instead of the item file's files."),
 ) -> None:
-    """Mel-MSE in dB^2 (paper Table 3) or image MSE, with perplexity, used codes and bitrate.
+    """Mel-MSE in dB^2 (paper Table 3) or image MSE, with perplexity, used codes and bitrate; with --abx, the
+    ZeroSpeech 2019 ABX error and bitrate of the codes.
 
     The result is also kept in the run directory as eval-<split>.json, or eval-list-<list name>.json with --list
-    (what compare reads)."""
+    (what compare reads), or eval-abx-<item name>.json with --abx."""
+    if abx is not None or wavs is not None or bitrate_list is not None:
+        others = [flag for flag, given in (("--data", data), ("--list", eval_list), ("--grid", grid), ("--audio", audio))
+                  if given]
+        if abx is None or others:
+            raise UserError(f"{others[0]} does not go with --abx: run the two evaluations separately" if others
+                            else "--wavs and --bitrate-list go with --abx ITEM_FILE")
+        return _evaluate_abx(model, abx, wavs, abx_distances, bitrate_list, json_path, device, overwrite)
     from sqaudio.distributed import pick_device
     from sqaudio.evaluation.metrics import evaluate as run_evaluation
     from sqaudio.evaluation.metrics import print_table
@@ -58,6 +76,61 @@ def evaluate(
         say_wrote("JSON", out_json(result, json_path))
     if grid is not None:
         say_wrote("image grid", grid)
+
+
+def _evaluate_abx(model: Path, item: Path, wavs: Optional[Path], distances: list[str], bitrate_list: Optional[Path],
+                  json_path: Optional[Path], device: str, overwrite: bool) -> None:
+    """`evaluate --abx`: read and check the item file (and bitrate list) and find their audio before loading the
+    run; score; keep the result with the run as eval-abx-<item name>.json and print a summary."""
+    from sqaudio.distributed import pick_device
+    from sqaudio.evaluation.abx import abx_result_path, evaluate_abx, leaderboard
+    from sqaudio.evaluation.items import check_contexts, find_audio, read_bitrate_list, read_items
+    from sqaudio.evaluation.runs import load_run
+    from sqaudio.files import check_free
+
+    if wavs is None:
+        raise UserError("--abx needs --wavs DIR: the folder of the audio files the item file names")
+    check_free([json_path] if json_path is not None else [], overwrite)
+    items = read_items(item)
+    check_contexts(items)
+    audio = find_audio(items.files, wavs, item)
+    listed = None
+    if bitrate_list is not None:
+        rows = read_bitrate_list(bitrate_list)
+        listed = list(zip(find_audio([name for name, _ in rows], wavs, bitrate_list), [s for _, s in rows]))
+    saved = abx_result_path(model if model.is_dir() else model.parent, item)  # refuse a clash before scoring
+    run = load_run(model, pick_device(device))
+    if not run.speech:
+        raise UserError(f"--abx scores speech codes; {model} is an image model")
+    result = evaluate_abx(run, items, audio, distances, listed)
+    result["leaderboard"] = leaderboard(result)
+    _print_abx(result, f"ZeroSpeech 2019 scores ({item.name})")
+    say_wrote("result (kept with the run)", out_json(result, saved))
+    if json_path is not None:
+        say_wrote("JSON", out_json(result, json_path))
+
+
+def _print_abx(result: dict[str, Any], title: str) -> None:
+    """Summary table: ABX errors per distance, bitrates, sizes and times."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("distance", "ABX across %", "ABX within %", "triplets", "item pairs", "score s"):
+        table.add_column(column, justify="right")
+    for name, r in result["abx"].items():
+        table.add_row(name, _pct(r["abx_across_pct"]), _pct(r["abx_within_pct"]),
+                      str(r["triplets_across"] + r["triplets_within"]), str(r["item_pairs"]), f"{r['score_seconds']:.1f}")
+    out = Console()
+    out.print(table)
+    out.print(f"bitrate: {result['zerospeech_bitrate_bps']:.1f} bps ZeroSpeech (entropy {result['code_entropy_bits']:.2f} "
+              f"bits x {result['symbols_per_second']:.1f} symbols/s over {result['bitrate_files']} files), "
+              f"{result['bitrate_bps']:.0f} bps nominal; {result['items']} items in {result['files']} files encoded in "
+              f"{result['encode_seconds']:.1f} s", highlight=False)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _data(run, data: Optional[Path], needs: str):
