@@ -51,7 +51,8 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                # momentum None: the cumulative average, its weight kept on the device (no host read)
+                momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_((var * count / (count - 1).clamp(min=1)).detach(), momentum)
         y = (x - mean[None, :, None]) / torch.sqrt(var[None, :, None] + self.eps)

@@ -134,3 +134,15 @@ def test_full_length_utterances_decode_like_crops():
     model = build_model(tiny_recipe()).eval()
     z, speakers = torch.randn(2, 8, 6), torch.tensor([0, 2])
     torch.testing.assert_close(model.decode(z, speakers, torch.tensor([6, 6])), model.decode(z, speakers))
+
+
+def test_masked_batchnorm_without_momentum_keeps_torchs_cumulative_average():
+    """momentum=None: running statistics are the cumulative average, as nn.BatchNorm1d keeps them."""
+    torch.manual_seed(0)
+    ours, theirs = MaskedBatchNorm1d(3, momentum=None), torch.nn.BatchNorm1d(3, momentum=None)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5)
+        ours(x, torch.ones(4, 5, dtype=torch.bool))
+        theirs(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
