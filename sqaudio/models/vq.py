@@ -73,18 +73,20 @@ class VQEMA(Quantizer):
         nearest = F.embedding(codes, codebook).view(batch, positions, dim)
         codes = codes.view(batch, positions)
         commit = self._commitment(torch.where(valid, (z - nearest).square().sum(-1), 0.0), valid, dim)
+        counts = sum_all(code_counts(codes, valid, self.codebook_size))  # (K,) uses in the global batch
         if self.training:
             with torch.no_grad():
-                self._ema_update(flat, codes.reshape(-1), valid.reshape(-1))
+                self._ema_update(flat, codes.reshape(-1), valid.reshape(-1), counts)
         z_q = z + (nearest - z).detach()                           # straight-through
-        perplexity, used = code_usage(sum_all(code_counts(codes, valid, self.codebook_size)))
+        perplexity, used = code_usage(counts)
         return z_q, codes, {"commitment": self.beta * commit}, {"perplexity": perplexity, "used_codes": used}
 
-    def _ema_update(self, z: Tensor, codes: Tensor, valid: Tensor) -> None:
-        """EMA codebook update from encoder outputs z (M, D), their codes (M,) and validity (M,) bool."""
+    def _ema_update(self, z: Tensor, codes: Tensor, valid: Tensor, counts: Tensor) -> None:
+        """EMA codebook update from encoder outputs z (M, D), their codes (M,), validity (M,) bool and the global
+        batch's code counts (K,) (`code_counts` summed over the ranks)."""
         weights = z.new_zeros(z.shape[0], self.codebook_size)      # (M, K): one-hot rows, 0 where padded
         weights.scatter_(1, codes.unsqueeze(1), valid.to(z.dtype).unsqueeze(1))
-        counts, sums = sum_all(weights.sum(0)), sum_all(weights.t() @ z)  # (K,), (K, D)
+        sums = sum_all(weights.t() @ z)                            # (K, D)
         count = self.decay * self.ema_count + (1 - self.decay) * counts.to(self.ema_count)
         total = count.sum()
         self.ema_count.copy_((count + self.epsilon) / (total + self.codebook_size * self.epsilon) * total)
