@@ -3,7 +3,6 @@ DTW over frame distances; every triplet) and the official bitrate (code entropy 
 Definitions, averaging, frame alignment and how it is fast: docs/abx.md."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from rich.progress import Progress
 from sqaudio.errors import UserError
 from sqaudio.evaluation.items import Items, code_timing, frame_spans
 from sqaudio.evaluation.metrics import CodeUsage
+from sqaudio.evaluation.runs import named_result_path
 
 DISTANCES = ("codes", "symbols", "continuous")  # angular between codebook vectors, 0/1 on symbols, angular on z
 PAIR_BUDGET = 1 << 21  # frame distances and padded frame values per DTW batch (bounds memory)
@@ -391,8 +391,4 @@ def leaderboard(result: dict[str, Any], language: str = "english") -> dict[str, 
 def abx_result_path(run_dir: Path, item: Path) -> Path:
     """Where a run keeps its ABX result on `item`: eval-abx-<item stem>.json (a UserError when that file holds
     the result of another item file with the same name)."""
-    path = Path(run_dir) / f"eval-abx-{Path(item).stem}.json"
-    old = json.loads(path.read_text()).get("item") if path.is_file() else None
-    if old and old != str(Path(item).absolute()):
-        raise UserError(f"{path} holds the result of another item file ({old}); rename {Path(item).name}")
-    return path
+    return named_result_path(run_dir, "abx", item, "item", "item file")

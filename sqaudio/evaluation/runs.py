@@ -78,10 +78,16 @@ def result_path(run_dir: Path, split: str, eval_list: str | Path | None = None) 
     (a UserError when that file holds the result of another list with the same name)."""
     if not eval_list:
         return Path(run_dir) / f"eval-{split}.json"
-    path = Path(run_dir) / f"eval-list-{Path(eval_list).stem}.json"
-    old = json.loads(path.read_text()).get("list") if path.is_file() else None
-    if old and old != str(Path(eval_list).absolute()):
-        raise UserError(f"{path} holds the result of another list ({old}); rename {Path(eval_list).name}")
+    return named_result_path(run_dir, "list", eval_list, "list", "list")
+
+
+def named_result_path(run_dir: Path, kind: str, source: str | Path, key: str, what: str) -> Path:
+    """eval-<kind>-<source stem>.json in the run dir: the result of an evaluation named by the file `source`; a
+    UserError when it holds the result of another `what` of that name (its absolute path is the result's `key`)."""
+    path = Path(run_dir) / f"eval-{kind}-{Path(source).stem}.json"
+    old = json.loads(path.read_text()).get(key) if path.is_file() else None
+    if old and old != str(Path(source).absolute()):
+        raise UserError(f"{path} holds the result of another {what} ({old}); rename {Path(source).name}")
     return path
 
 
